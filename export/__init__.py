@@ -1,0 +1,1 @@
+"""fxscore.export: best checkpoint -> ONNX with the fxscore contract embedded (needs fxscore[train])."""

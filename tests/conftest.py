@@ -1,0 +1,39 @@
+"""Shared fixtures: the real X-rays in ../shared/data, laid out once per session, and tiny models."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / "sample_data"
+REAL_DATA = Path(os.environ.get("FXSCORE_REAL_DATA",
+                                REPO.parent / "shared" / "data" / "fracture-multi-region"))
+
+
+def require_real_data() -> Path:
+    """Skip (or, in CI, fail) when the real X-rays are absent."""
+    if not (REAL_DATA / "manifest.csv").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the real-data tests but {REAL_DATA} is missing")
+        pytest.skip(f"real X-rays not found at {REAL_DATA} (set FXSCORE_REAL_DATA)")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory) -> Path:
+    """The real data set laid out as train/val/test/<class>/ (hard links, so cheap)."""
+    src = require_real_data()
+    dest = tmp_path_factory.mktemp("real") / "fracture"
+    subprocess.run([sys.executable, str(src / "materialize"), str(dest)], check=True,
+                   capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    from onnx_models import make_model
+    return make_model(tmp_path / "tiny.onnx")
