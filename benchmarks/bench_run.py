@@ -1,0 +1,247 @@
+"""How close does `fxscore run` get to the bare model, and does its memory stay flat?
+
+Prints, in one run on the same images:
+  1. bare onnxruntime throughput: session.run on already preprocessed 224x224 batches;
+  2. `fxscore run` end-to-end throughput (discover, decode, preprocess, score, write CSV) on
+     the same 224x224 JPEGs, on large (2000x2500) 16-bit PNGs and on large DICOM files, each
+     with its ratio to (1); goal: >= 90 % on the 224x224 JPEGs at the same threads and batch;
+  3. peak RSS of `fxscore run` as a child process on 1k and 10k files.
+
+The model is a ResNet18-sized network: torchvision resnet18 (random weights) + sigmoid,
+exported to a temporary ONNX file with fxscore metadata when torch is importable; otherwise
+pass --model PATH. Images are synthetic, generated into a temporary folder; --small-dir takes a
+folder of real X-rays for (1) and (2) instead.
+
+    python benchmarks/bench_run.py                      # ~3-5 min on 2 cores
+    python benchmarks/bench_run.py --small 1024 --threads 8 --batch-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fxscore.cli import cli
+from fxscore.contract import ModelMeta, Preprocess
+from fxscore.files import find_images
+from fxscore.images import read_image
+from fxscore.model import available_cpus, load_model
+from fxscore.preprocess import preprocess
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", type=Path, help="fxscore ONNX model (default: export resnet18)")
+    ap.add_argument("--small", type=int, default=384, help="224x224 JPEGs [384]")
+    ap.add_argument("--small-dir", type=Path, help="use these images instead of synthetic JPEGs")
+    ap.add_argument("--large", type=int, default=24, help="2000x2500 PNGs and DICOMs, each [24]")
+    ap.add_argument("--rss", default="1000,10000", help="file counts for the RSS runs [1000,10000]")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=available_cpus())
+    ap.add_argument("--workers", type=int, default=None, help="decode threads [= threads]")
+    ap.add_argument("--repeat", type=int, default=2, help="timed repeats, best kept [2]")
+    ap.add_argument("--workdir", type=Path, help="keep generated files here")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="fxbench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model_path = args.model or export_resnet18(work / "resnet18.onnx")
+        model = load_model(model_path, threads=args.threads)
+        size = model.meta.preprocess.input_size
+        print(f"model {model_path} ({model.model_id}), input {size}, threads {args.threads}, "
+              f"batch {args.batch_size}, decode workers {args.workers or args.threads}, "
+              f"CPUs available {available_cpus()}", flush=True)
+
+        small = args.small_dir or make_jpegs(work / "small", args.small)
+        n_small = sum(1 for _ in find_images(small))
+        bare = bare_throughput(model, small, args.batch_size, args.repeat)
+        print(f"bare onnxruntime          {bare:8.1f} img/s  ({n_small} images, "
+              "session.run on preprocessed batches)", flush=True)
+
+        def e2e(folder: Path, label: str, n: int) -> None:
+            rate = run_throughput(folder, model_path, work / "out.csv", args, n)
+            print(f"fxscore run {label:<13} {rate:8.1f} img/s  ({n} files)  "
+                  f"= {rate / bare:6.1%} of bare", flush=True)
+
+        e2e(small, "224x224 JPEG", n_small)
+        if args.large:
+            e2e(make_large(work / "png", args.large, "png"), "2000x2500 PNG", args.large)
+            e2e(make_large(work / "dcm", args.large, "dcm"), "2000x2500 DCM", args.large)
+
+        # Memory: the pipeline's footprint on many files. A model whose cost is negligible
+        # (global average pool, 224x224 input) keeps 10k files within minutes on 2 cores; the
+        # ResNet18 session adds a constant on top (its weights and arena).
+        gap = make_gap_model(work / "gap.onnx", size)
+        for n in (int(x) for x in args.rss.split(",") if x):
+            folder = make_many(work / f"many{n}", n, small)
+            rss, secs = child_peak_rss(folder, gap, work / f"rss{n}.csv", args)
+            print(f"peak RSS, {n:>6} files     {rss / 2**20:8.1f} MiB  ({secs:.1f} s, "
+                  "GAP model)", flush=True)
+        rss, secs = child_peak_rss(small, model_path, work / "rss-small.csv", args)
+        print(f"peak RSS, {n_small:>6} files     {rss / 2**20:8.1f} MiB  ({secs:.1f} s, "
+              "ResNet18)", flush=True)
+
+
+def export_resnet18(path: Path) -> Path:
+    try:
+        import onnx
+        import torch
+        import torchvision
+    except ImportError:
+        sys.exit("torch/torchvision/onnx are not installed: pass --model PATH to an fxscore model")
+
+    class WithSigmoid(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torchvision.models.resnet18(weights=None, num_classes=1)
+
+        def forward(self, x):
+            return torch.sigmoid(self.net(x))
+
+    torch.manual_seed(0)
+    net = WithSigmoid().eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["input"],
+                      output_names=["probability"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "N"}, "probability": {0: "N"}})
+    proto = onnx.load(str(path))
+    meta = ModelMeta(class_names=("fractured", "not fractured"), positive_class="fractured",
+                     preprocess=Preprocess(input_size=(224, 224)), model_name="bench-resnet18")
+    for k, v in meta.to_props().items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(path))
+    return path
+
+
+def make_gap_model(path: Path, size: tuple[int, int]) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from onnx_models import make_meta, make_model  # noqa: E402 - needs onnx (dev extra)
+    return make_model(path, make_meta(preprocess=Preprocess(input_size=size)))
+
+
+def phantom(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth 'bone' band over a noisy background, values in [0, 1]."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx = w * rng.uniform(0.3, 0.7)
+    bone = np.exp(-((x - cx - 0.1 * (y - h / 2)) / (0.08 * w)) ** 2)
+    img = 0.2 + 0.6 * bone + 0.05 * rng.standard_normal((h, w), dtype=np.float32)
+    return np.clip(img, 0, 1)
+
+
+def make_jpegs(folder: Path, n: int) -> Path:
+    if folder.exists():
+        return folder
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / f"{i % 8}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((phantom(rng, 224, 224) * 255).astype(np.uint8)).save(
+            sub / f"img{i:05d}.jpg", quality=90)
+    return folder
+
+
+def make_large(folder: Path, n: int, kind: str) -> Path:
+    if folder.exists():
+        return folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    base = (phantom(rng, 2500, 2000) * 4095).astype(np.uint16)  # 12-bit detector data
+    for i in range(n):
+        img = np.roll(base, 37 * i, axis=1)
+        if kind == "png":
+            Image.fromarray(img).save(folder / f"large{i:03d}.png", compress_level=1)
+        else:
+            write_dicom(folder / f"large{i:03d}.dcm", img)
+    return folder
+
+
+def write_dicom(path: Path, pixels: np.ndarray) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_many(folder: Path, n: int, source: Path) -> Path:
+    """n files in 100-file folders, hard links to the source images (cheap to make)."""
+    if folder.exists():
+        return folder
+    sources = [p for _, p in find_images(source)]
+    for i in range(n):
+        sub = folder / f"d{i // 100:04d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        src, dst = sources[i % len(sources)], sub / f"f{i:06d}{sources[i % len(sources)].suffix}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            dst.write_bytes(src.read_bytes())
+    return folder
+
+
+def bare_throughput(model, folder: Path, batch_size: int, repeat: int) -> float:
+    params = model.meta.preprocess
+    x = np.stack([preprocess(read_image(p), params) for _, p in find_images(folder)])
+    model.predict(x[:batch_size])  # warm-up: first run allocates the arena
+    best = 0.0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            model.predict(x[i:i + batch_size])
+        best = max(best, len(x) / (time.perf_counter() - t))
+    return best
+
+
+def run_args(folder: Path, model: Path, out: Path, args) -> list[str]:
+    a = ["run", str(folder), "--model", str(model), "--out", str(out), "--overwrite", "--quiet",
+         "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    return a + (["--workers", str(args.workers)] if args.workers else [])
+
+
+def run_throughput(folder: Path, model: Path, out: Path, args, n: int) -> float:
+    """The CLI in this process (no interpreter start-up), timed from command line to exit."""
+    best = 0.0
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        try:
+            cli.main(run_args(folder, model, out, args), standalone_mode=False)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def child_peak_rss(folder: Path, model: Path, out: Path, args) -> tuple[int, float]:
+    """Run `python -m fxscore.cli run` as a child; its ru_maxrss (bytes) and wall time."""
+    cmd = [sys.executable, "-m", "fxscore.cli", *run_args(folder, model, out, args)]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode not in (0, 3):
+        sys.exit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - t  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Every option of a training run, saved with the run as config.json."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+SCHEDULERS = ("plateau", "cosine")
+# Options that may change when a run is resumed: they do not change what an epoch computes.
+RESUMABLE = ("epochs", "max_minutes", "device", "workers", "threads")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    pretrained: str = "imagenet"  # "imagenet" | "none" | path of a resnet18 state dict
+    freeze: str = "backbone"  # "backbone" (only the head trains) | "none" (full fine-tuning)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "plateau"  # ReduceLROnPlateau on val loss, or cosine annealing over epochs
+    patience: int = 5  # early stopping: epochs without a lower val loss
+    pos_weight: str = "none"  # "none" | "auto" (negatives/positives in train) | a number
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    workers: int = 0  # DataLoader worker processes (0 = augment in the main process)
+    threads: Optional[int] = None  # torch CPU threads; None = every core this process may use
+    image_size: int = 224
+    resize: str = "bilinear"
+    positive_class: str = "fractured"
+    cache_views: int = 5  # frozen backbone: augmented views per image in the feature cache; 0 = off
+    limit_per_class: Optional[int] = None  # use at most N files per class and split (quick trials)
+    max_minutes: Optional[float] = None  # stop after the epoch that would overrun this budget
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.freeze not in ("backbone", "none"):
+            problems.append(f"freeze must be 'backbone' or 'none', not {self.freeze!r}")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.pos_weight not in ("none", "auto"):
+            try:
+                if float(self.pos_weight) <= 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"pos_weight must be none, auto or a positive number, "
+                                f"not {self.pos_weight!r}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.image_size < 32:
+            problems.append("image_size must be at least 32 (ResNet18 downsamples 32x)")
+        for name in ("patience", "cache_views", "workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.limit_per_class is not None and self.limit_per_class < 1:
+            problems.append("limit_per_class must be at least 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append("max_minutes must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze == "backbone"
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        return self.frozen and self.cache_views > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def versions() -> dict[str, str]:
+    """Package versions that decide what a run computes."""
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    from fxscore import __version__
+
+    return {"fxscore": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+def write_config(cfg: TrainConfig, path: Path, **extra: Any) -> None:
+    """config.json: every option, package versions, and whatever the run adds (data fingerprint)."""
+    doc = {"config": cfg.to_dict(), "versions": versions(), **extra}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config(path: Path) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
