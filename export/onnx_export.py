@@ -14,7 +14,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -61,8 +60,12 @@ def load_checkpoint(path: str | Path) -> tuple[ProbabilityModel, dict[str, Any]]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling, zip and I/O errors all mean "not a checkpoint"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's weights_only refusal puts the reason on a line of its own, after advice.
+        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
         raise ExportError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                          f"{reason}). Checkpoints hold only tensors and plain values; export "
+                          "the best.pt written by `fxscore train`") from e
     if not isinstance(ckpt, dict):
         raise ExportError(f"{path}: holds a {type(ckpt).__name__}, not a `fxscore train` checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -107,7 +110,7 @@ def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
             "metrics": ckpt["metrics"], "best_metrics": ckpt["best_metrics"],
             "data_fingerprint": ckpt["data_fingerprint"], "versions": ckpt["versions"],
             "config": ckpt["config"], "checkpoint_sha256": ckpt["sha256"],
-            "export": {"fxscore": __version__, "torch": torch.__version__,
+            "export": {"fxscore": __version__, "torch": str(torch.__version__),
                        "onnx": onnx.__version__, "python": platform.python_version(),
                        "opset": OPSET, "ir_version": IR_VERSION}}
 
@@ -178,12 +181,6 @@ def verify_file(path: Path, expected: ModelMeta, *, threads: int | None = None) 
     if stored.to_props() != expected.to_props():
         raise ExportError(f"{path}: the stored metadata differs from what was meant to be written")
     return model
-
-
-def example_batch(meta: ModelMeta, n: int, seed: int = 0) -> np.ndarray:
-    """A reproducible random NCHW float32 batch of the model's input size."""
-    h, w = meta.preprocess.input_size
-    return np.random.default_rng(seed).standard_normal((n, 3, h, w), dtype=np.float32)
 
 
 def _sha256(path: Path) -> str:

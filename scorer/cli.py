@@ -201,7 +201,8 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None,
               help="CSV of path,label (paths relative to DIR) instead of class folders")
 @click.option("--groups", "groups_csv", type=click.Path(dir_okay=False), default=None,
-              help="CSV of path,group (e.g. patient id): the bootstrap resamples whole groups")
+              help="CSV of path,group (paths as in predictions.csv, e.g. fractured/a.png; "
+                   "group e.g. a patient id): the bootstrap resamples whole groups")
 @click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True,
               type=click.IntRange(0), help="bootstrap resamples for the 95% intervals; 0: none")
 @click.option("--seed", default=0, show_default=True, help="bootstrap random seed")
@@ -266,7 +267,7 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
         ev = evaluate(data_dir, model, labels=labels_csv, groups=groups_csv,
                       target_sensitivity=target_sensitivity, n_bootstrap=n_bootstrap, seed=seed,
                       batch_size=batch_size, workers=threads, progress=progress)
-    except (EvalDataError, ModelError, FileNotFoundError, NotADirectoryError) as e:
+    except (EvalDataError, ModelError, OSError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         if show and seen["n"]:
@@ -292,6 +293,125 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
 # ---- train --------------------------------------------------------------------------------
 
 # ---- export -------------------------------------------------------------------------------
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="the model file to write, *.onnx (fp32; --int8 adds *.int8.onnx beside it)")
+@click.option("--verify", type=click.Path(file_okay=False), default=None,
+              help="folder of X-rays (searched recursively): prove parity on every file")
+@click.option("--int8", is_flag=True, help="also write a static int8 model (QDQ, per-channel)")
+@click.option("--calibration", type=click.Path(file_okay=False), default=None,
+              help="folder of X-rays to calibrate int8 on (up to 200 are drawn)")
+@click.option("--int8-eval", type=click.Path(file_okay=False), default=None,
+              help="labelled folder (one sub-folder per class) to compare int8 with fp32 on "
+                   "[default: --verify]")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="probability at or above which the label is the positive class [default: 0.5]")
+@click.option("--model-name", default=None, help="[default: fxscore-resnet18]")
+@click.option("--model-version", default=None,
+              help="[default: ckpt-<sha256 prefix of CHECKPOINT>]")
+# 18..20: what the exporter reaches and IR 9 allows (fxscore.export.onnx_export.OPSETS).
+@click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True,
+              help="ONNX opset (18 runs on onnxruntime >= 1.17)")
+@click.option("--force", is_flag=True,
+              help="write the int8 model even if its ROC-AUC drops by more than 0.01")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="onnxruntime threads for the checks [default: the CPUs this process may use]")
+@click.option("--quiet", "-q", is_flag=True, help="no progress on stderr")
+def export(checkpoint: str, out: str, verify: str | None, int8: bool, calibration: str | None,
+           int8_eval: str | None, threshold: float | None, model_name: str | None,
+           model_version: str | None, opset: int, force: bool, threads: int | None,
+           quiet: bool) -> None:
+    """Turn a training checkpoint into an fxscore ONNX model, proven equal to it.
+
+    The model takes float32 NCHW images (dynamic batch) and returns the probability of the
+    positive class; the class names, preprocessing and threshold travel inside it, with a
+    training summary. Before anything is written the file is checked with the scorer's own
+    contract validator and loader, and compared with the checkpoint on random tensors (batch
+    1 and 5) and, with --verify, on every image file through the scorer's complete path:
+    max |d logit| and max |d probability| must stay within 1e-4.
+
+    \b
+    Files written (only when every check passes; an interrupted or failed export leaves no
+    model file behind and an older one untouched):
+      OUT                   the fp32 model (ONNX opset 18, IR 9: onnxruntime >= 1.17)
+      OUT.int8.onnx         with --int8, e.g. model.int8.onnx for --out model.onnx
+      OUT.export.json       the parity (and int8) report, e.g. model.export.json;
+                            also written when a check fails
+
+    With --int8 the fp32 model is quantised statically (weights int8 per channel, activations
+    uint8) on --calibration images, then both are scored on labelled images (--int8-eval, or
+    --verify if it has one folder per class). The int8 model is refused when its ROC-AUC is
+    more than 0.01 below fp32's; --force writes it anyway and says so in the report.
+
+    \b
+    Examples:
+      fxscore export runs/r18/best.pt --out model.onnx --verify data/val
+      fxscore export runs/r18/best.pt --out model.onnx --verify data/val \\
+          --int8 --calibration data/train
+
+    Exit codes: 0 written; 1 a check failed or the input is unusable (nothing written, or
+    with a refused int8 model only the fp32 model); 2 usage error.
+    """
+    import signal
+    import sys
+    from pathlib import Path
+
+    pipeline = require_torch_stage("export.pipeline")
+    from .export.onnx_export import ExportError
+    from .export.parity import ParityError
+    from .export.quantize import QuantizeError
+
+    opts = pipeline.ExportOptions(
+        out=Path(out), verify=Path(verify) if verify else None, int8=int8,
+        calibration=Path(calibration) if calibration else None,
+        int8_eval=Path(int8_eval) if int8_eval else None, threshold=threshold,
+        model_name=model_name, model_version=model_version, opset=opset, force=force,
+        threads=threads)
+
+    def progress(message: str) -> None:
+        if not quiet:
+            click.echo(f"export: {message}", err=True)
+
+    # A plain SIGTERM (batch-system timeout, `kill`) would end the process without unwinding;
+    # as SystemExit it runs the clean-up that deletes the half-made files.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        report = pipeline.export(checkpoint, opts, progress)
+    except pipeline.ExportFailed as e:
+        _echo_export_report(e.report)
+        raise click.ClickException(str(e)) from None
+    except (ExportError, ParityError, QuantizeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _echo_export_report(report)
+
+
+def _echo_export_report(report: dict) -> None:
+    """Parity and int8 results: a few lines on stdout; warnings on stderr."""
+    for r in report.get("parity", {}).get("random", []):
+        click.echo(f"parity, random batch {r['batch']}: max |d logit| {r['max_abs_logit']:.2g}, "
+                   f"max |d prob| {r['max_abs_prob']:.2g}, labels agree "
+                   f"{100 * r['label_agreement']:.1f}%")
+    files = report.get("parity", {}).get("files")
+    if files:
+        click.echo(f"parity, {files['n']} files ({len(files['unreadable'])} unreadable): max |d "
+                   f"logit| {files['max_abs_logit']:.2g}, max |d prob| {files['max_abs_prob']:.2g}"
+                   f", labels agree {100 * files['label_agreement']:.1f}%")
+    q = report.get("int8")
+    if q:
+        click.echo(f"int8 vs fp32 on {q['images']} labelled images: ROC-AUC {q['auc_fp32']:.4f} "
+                   f"-> {q['auc_int8']:.4f} (drop {q['auc_drop']:.4f}, limit "
+                   f"{q['auc_drop_limit']:g}), labels agree {100 * q['label_agreement']:.1f}%, "
+                   f"size {q['size_bytes'] / 1e6:.1f} MB vs {report['size_bytes'] / 1e6:.1f} MB")
+        if q["forced"]:
+            click.echo(f"WARNING: --force: wrote {q['path']} although {q['problem']}. It ranks "
+                       "X-rays worse than the fp32 model; the report records that it was "
+                       "forced.", err=True)
+    for path in report.get("written", []):
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # python -m fxscore.cli (used by tests that kill a real run)

@@ -9,9 +9,9 @@ CSV and HTML.
 from __future__ import annotations
 
 import csv
-from collections import Counter
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from . import metrics as M
 from .files import find_images, is_candidate
+from .scoring import score_items
 
 
 class EvalDataError(ValueError):
@@ -37,10 +38,10 @@ class Evaluation:
     """Scored rows (the scorer's columns plus true_label) and the metrics document."""
 
     rows: list[dict[str, Any]]
-    metrics: dict[str, Any]
-    positive_class: str = ""
-    class_names: tuple[str, ...] = ()
-    threshold: float = 0.5
+    positive_class: str
+    class_names: tuple[str, ...]
+    threshold: float
+    metrics: dict[str, Any] = field(default_factory=dict)  # see `summarise`
 
     @property
     def readable(self) -> list[dict[str, Any]]:
@@ -150,7 +151,7 @@ def items_from_labels(root: Path, labels_csv: Path, class_names: tuple[str, ...]
             raise EvalDataError(f"{labels_csv}, line {line}: '{path_text}' is listed twice "
                                 f"(first on line {seen[key]})")
         seen[key] = line
-        items.append(Item(key, root / key if not Path(key).is_absolute() else Path(key), label))
+        items.append(Item(key, root / key, label))  # an absolute key stays absolute
     absent = [c for c in class_names if not any(it.true_label == c for it in items)]
     if absent:
         raise EvalDataError(f"{labels_csv}: no file is labelled {_expected(absent)}; every class "
@@ -183,8 +184,6 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
 
     `model` is a `fxscore.model.Model`; `progress` is called with each scored row.
     """
-    from .scoring import score_items
-
     root = Path(root)
     meta = model.meta
     if not root.is_dir():
@@ -207,7 +206,7 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
     if len(rows) != len(items):  # score_items is order-preserving and total; guard the zip
         raise RuntimeError(f"scored {len(rows)} of {len(items)} files")
 
-    ev = Evaluation(rows, {}, meta.positive_class, tuple(meta.class_names), float(meta.threshold))
+    ev = Evaluation(rows, meta.positive_class, tuple(meta.class_names), float(meta.threshold))
     ok_groups = ([g for g, r in zip(group_of, rows) if not r["error"]] if group_of else None)
     data = {"root": str(root), "source": "labels" if labels else "folders",
             "labels_csv": str(labels) if labels else None,

@@ -32,12 +32,15 @@ from scipy import fft as sp_fft  # scipy comes with scikit-learn
 
 THUMB = 128  # thumbnail side; verification's fine level works at this size
 DCT_SIDE = 32  # the candidate descriptor's image side
-DCT_K = 8  # keep the K x K lowest frequencies (minus DC)
-CANDIDATE_SIM = 0.70  # descriptor similarity for a pair to be verified at all
-MATCH_SCORE = 0.60  # verified band-pass correlation at 128 px that makes two images one group
-MAX_NEIGHBOURS = 24  # candidates per image: enough to connect any group, bounded work
-ANGLES = np.arange(-15.0, 15.01, 2.5)
-SCALES = (0.885, 0.94, 1.0, 1.064, 1.13)
+DCT_K = 6  # keep the K x K lowest frequencies (minus DC)
+CANDIDATE_SIM = 0.50  # descriptor similarity for a pair to be verified at all
+MATCH_SCORE = 0.80  # verified band-pass correlation at 128 px that makes two images one group
+MAX_NEIGHBOURS = 6  # candidates per image, best first: copies rank first, bounded work
+MAX_ORIENTS = 3  # orientations tried per pair (near-symmetric images rank several alike)
+ANGLES = (-15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0)
+SCALES = (0.9, 1.0, 1.1)
+GRID = [(float(angle), s, s) for s in SCALES for angle in ANGLES]
+HOPELESS = 0.3  # coarse correlation below which no refinement can reach MATCH_SCORE
 
 Progress = Callable[[str, int, int], None]
 
@@ -90,26 +93,38 @@ _SIGN = (-1.0) ** np.arange(DCT_K, dtype=np.float32)
 
 
 def descriptors(thumb: np.ndarray) -> np.ndarray:
-    """(THUMB, THUMB) thumbnail -> (8, K*K) float32: unit descriptors of its 8 orientations.
+    """(THUMB, THUMB) thumbnail -> (8, 2*(K*K-1)) float32: unit descriptors of its 8 orientations.
 
-    Row o describes `dihedral(thumb, o)`. DCT-II of a flipped axis multiplies frequency u by
-    (-1)^u, and transposing the image transposes the coefficients.
+    Two views, averaged by the dot product: the whole thumbnail, and its central 75 % (which a
+    rotated copy's black corners and a cropped copy's lost margins do not reach). Row o
+    describes `dihedral(thumb, o)`: DCT-II of a flipped axis multiplies frequency u by (-1)^u,
+    and transposing the image transposes the coefficients.
     """
     t = thumb.astype(np.float32)
-    f = t.shape[0] // DCT_SIDE
-    s = t.reshape(DCT_SIDE, f, DCT_SIDE, f).mean(axis=(1, 3))
-    c = _DCT @ (s - s.mean()) @ _DCT.T
-    out = np.empty((8, DCT_K * DCT_K), np.float32)
-    for o in range(8):
-        v = c.T if o & 4 else c
-        if o & 2:
-            v = v * _SIGN[:, None]
-        if o & 1:
-            v = v * _SIGN[None, :]
-        out[o] = v.ravel()
-    out[:, 0] = 0.0
-    norm = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.maximum(norm, 1e-12)
+    n = t.shape[0]
+    m = n * 3 // 4
+    o = (n - m) // 2
+    views = [_block_mean(t, DCT_SIDE), _block_mean(t[o:o + m, o:o + m], DCT_SIDE)]
+    out = np.empty((8, 2, DCT_K * DCT_K), np.float32)
+    for v, s in enumerate(views):
+        c = _DCT @ (s - s.mean()) @ _DCT.T
+        for o in range(8):
+            x = c.T if o & 4 else c
+            if o & 2:
+                x = x * _SIGN[:, None]
+            if o & 1:
+                x = x * _SIGN[None, :]
+            out[o, v] = x.ravel()
+    out = out[:, :, 1:]  # drop DC: zero after removing the mean
+    out /= np.maximum(np.linalg.norm(out, axis=2, keepdims=True), 1e-12) * math.sqrt(2)
+    return out.reshape(8, -1)
+
+
+def _block_mean(x: np.ndarray, side: int) -> np.ndarray:
+    if x.shape[0] % side == 0:
+        f = x.shape[0] // side
+        return x.reshape(side, f, side, f).mean(axis=(1, 3))
+    return np.asarray(Image.fromarray(x, "F").resize((side, side), Image.BOX))
 
 
 def dihedral(x: np.ndarray, o: int) -> np.ndarray:
@@ -125,61 +140,41 @@ def dihedral(x: np.ndarray, o: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- candidates
 
+PAIR = np.dtype([("i", np.int64), ("j", np.int64), ("sim", np.float32)])
+
+
 def candidate_pairs(desc: np.ndarray, min_sim: float = CANDIDATE_SIM,
                     max_neighbours: int = MAX_NEIGHBOURS) -> np.ndarray:
-    """(N, 8, D) descriptors -> structured array of pairs (i < j, sim, orient), best first.
+    """(N, 8, D) descriptors -> pairs (i < j, sim) to verify, most similar first.
 
-    `orient` is the orientation of j that best matches i as it is. Blocked matrix products,
-    each image's `max_neighbours` best partners above `min_sim` (a group of copies is still
-    connected: every copy keeps its closest ones).
+    Each image keeps its `max_neighbours` most similar partners (in any orientation) above
+    `min_sim`. Low frequencies alone cannot tell two wrists apart, so a plain threshold would
+    pass a large share of all pairs; copies rank first, and a group of copies stays connected
+    because every member keeps its closest ones. Blocked matrix products bound the memory.
     """
     n = len(desc)
-    dtype = [("i", np.int64), ("j", np.int64), ("sim", np.float32), ("orient", np.int8)]
     if n < 2:
-        return np.zeros(0, dtype)
+        return np.zeros(0, PAIR)
     q = desc[:, 0]
     everything = desc.reshape(n * 8, -1)
+    k = min(max_neighbours, n - 1)
     block = max(1, (1 << 24) // (n * 8))
     parts = []
     for start in range(0, n, block):
-        sims = (q[start:start + block] @ everything.T).reshape(-1, n, 8)
-        orient = sims.argmax(axis=2)
-        best = np.take_along_axis(sims, orient[..., None], axis=2)[..., 0]
-        rows = np.arange(start, start + len(best))
-        best[np.arange(len(best)), rows] = -np.inf  # an image is not its own copy
-        k = min(max_neighbours, n - 1)
-        top = np.argpartition(-best, k - 1, axis=1)[:, :k]
-        top_sim = np.take_along_axis(best, top, axis=1)
+        sims = (q[start:start + block] @ everything.T).reshape(-1, n, 8).max(axis=2)
+        rows = np.arange(start, start + len(sims))
+        sims[np.arange(len(sims)), rows] = -np.inf  # an image is not its own copy
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_sim = np.take_along_axis(sims, top, axis=1)
         keep = top_sim >= min_sim
-        ii = np.broadcast_to(rows[:, None], top.shape)[keep]
-        jj = top[keep]
-        parts.append((ii, jj, top_sim[keep], np.take_along_axis(orient, top, axis=1)[keep]))
-    ii, jj, ss, oo = (np.concatenate(p) for p in zip(*parts))
-    # (i, j) and (j, i) can both be found; keep one, stated as i < j with j's orientation
-    # relative to i. Orientations are a group: if j needs o to match i, i needs o^-1.
-    swap = ii > jj
-    oo = np.where(swap, _INVERSE[oo], oo)
-    ii, jj = np.where(swap, jj, ii), np.where(swap, ii, jj)
-    pairs = np.zeros(len(ii), dtype)
-    pairs["i"], pairs["j"], pairs["sim"], pairs["orient"] = ii, jj, ss, oo
-    pairs = np.unique(pairs[["i", "j", "sim", "orient"]])  # sorts by i, j first
-    first = np.ones(len(pairs), bool)
-    first[1:] = (pairs["i"][1:] != pairs["i"][:-1]) | (pairs["j"][1:] != pairs["j"][:-1])
+        parts.append((np.broadcast_to(rows[:, None], top.shape)[keep], top[keep], top_sim[keep]))
+    ii, jj, ss = (np.concatenate(p) for p in zip(*parts))
+    pairs = np.zeros(len(ii), PAIR)
+    pairs["i"], pairs["j"], pairs["sim"] = np.minimum(ii, jj), np.maximum(ii, jj), ss
+    # (i, j) found from both ends: keep one. The two similarities are equal up to rounding.
+    _, first = np.unique(pairs["i"] * n + pairs["j"], return_index=True)
     pairs = pairs[first]
     return pairs[np.argsort(-pairs["sim"], kind="stable")]
-
-
-def _inverse_orientations() -> np.ndarray:
-    probe = np.arange(16).reshape(4, 4)
-    inv = np.empty(8, np.int8)
-    for o in range(8):
-        for p in range(8):
-            if np.array_equal(dihedral(dihedral(probe, o), p), probe):
-                inv[o] = p
-    return inv
-
-
-_INVERSE = _inverse_orientations()
 
 
 # ---------------------------------------------------------------------------- verification
@@ -206,18 +201,19 @@ def band_pass(x: np.ndarray, fine: float, coarse: float) -> np.ndarray:
     return _blur(x, fine) - _blur(x, coarse)
 
 
-def _warps(x: np.ndarray, params: Iterable[tuple[float, float]]) -> np.ndarray:
-    """x rotated by angle (degrees) and scaled by s about its centre, for each (angle, s)."""
+def _warps(x: np.ndarray, params: Iterable[tuple[float, float, float]]) -> np.ndarray:
+    """x rotated by angle (degrees) and scaled by (sx, sy) about its centre, per parameter."""
     im = Image.fromarray(x.astype(np.float32), "F")
     n = x.shape[0]
     c = (n - 1) / 2
     out = []
-    for angle, s in params:
+    for angle, sx, sy in params:
         t = math.radians(angle)
-        a, b = math.cos(t) / s, math.sin(t) / s
-        # PIL maps output pixels to input ones: the inverse of rotate-then-scale about c
+        cos, sin = math.cos(t), math.sin(t)
+        # PIL maps output pixels to input ones: the inverse of scale-then-rotate about c
+        a, b, d, e = cos / sx, sin / sx, -sin / sy, cos / sy
         out.append(np.asarray(im.transform((n, n), Image.AFFINE,
-                                           (a, -b, c - a * c + b * c, b, a, c - b * c - a * c),
+                                           (a, b, c - a * c - b * c, d, e, c - d * c - e * c),
                                            Image.BILINEAR)))
     return np.stack(out)
 
@@ -225,8 +221,8 @@ def _warps(x: np.ndarray, params: Iterable[tuple[float, float]]) -> np.ndarray:
 def _best_ncc(images: np.ndarray, template: np.ndarray) -> np.ndarray:
     """Max normalised cross-correlation of `template` over all placements inside each image.
 
-    Correlations and the windows' sums come from one batch of FFTs (scipy's: several times
-    faster than numpy's on these small batches).
+    Correlations by FFT (scipy's: several times faster than numpy's on these small batches),
+    the windows' means and energies by running sums.
     """
     n = images.shape[-1]
     m = template.shape[0]
@@ -234,17 +230,23 @@ def _best_ncc(images: np.ndarray, template: np.ndarray) -> np.ndarray:
     tn = float(np.sqrt((t * t).sum()))
     if tn < 1e-9:
         return np.zeros(len(images))
-    kernels = np.zeros((2, n, n), np.float32)
-    kernels[0, :m, :m] = t[::-1, ::-1]
-    kernels[1, :m, :m] = 1.0
-    spec_k = sp_fft.rfft2(kernels)
-    spec_i = sp_fft.rfft2(np.stack([images, images * images], axis=1))
-    out = sp_fft.irfft2(spec_i * spec_k, s=(n, n))[..., m - 1:n, m - 1:n].astype(np.float64)
-    cc, s2 = out[:, 0], out[:, 1]
-    s1 = sp_fft.irfft2(spec_i[:, 0] * spec_k[1], s=(n, n))[..., m - 1:n, m - 1:n]
+    kernel = np.zeros((n, n), np.float32)
+    kernel[:m, :m] = t[::-1, ::-1]
+    spec = sp_fft.rfft2(images.astype(np.float32)) * sp_fft.rfft2(kernel)
+    cc = sp_fft.irfft2(spec, s=(n, n))[:, m - 1:n, m - 1:n]
+    s1 = _window_sums(images, m)
+    s2 = _window_sums(images * images, m)
     sd = np.sqrt(np.maximum(s2 - s1 * s1 / (m * m), 0.0))
     ncc = np.where(sd > 1e-6 * tn, cc / np.maximum(sd, 1e-12) / tn, 0.0)
     return ncc.reshape(len(images), -1).max(axis=1)
+
+
+def _window_sums(x: np.ndarray, m: int) -> np.ndarray:
+    """Sums over every m x m window of each image in x (N, n, n) -> (N, n-m+1, n-m+1)."""
+    c = np.cumsum(x, axis=2, dtype=np.float64)
+    r = np.concatenate([c[:, :, m - 1:m], c[:, :, m:] - c[:, :, :-m]], axis=2)
+    c = np.cumsum(r, axis=1)
+    return np.concatenate([c[:, m - 1:m], c[:, m:] - c[:, :-m]], axis=1)
 
 
 def _centre(x: np.ndarray, frac: float = 0.7) -> np.ndarray:
@@ -257,28 +259,57 @@ def _centre(x: np.ndarray, frac: float = 0.7) -> np.ndarray:
 @dataclass(frozen=True)
 class Match:
     score: float  # band-pass correlation at 128 px after alignment, in [-1, 1]
+    orient: int  # dihedral(b, orient) is a turned the right way
     angle: float
-    scale: float
+    scale_x: float
+    scale_y: float
 
 
-def match(a: np.ndarray, b: np.ndarray, orient: int) -> Match:
-    """How well thumbnail b, turned by `orient`, rotated/scaled/shifted, reproduces a's centre."""
-    b = dihedral(b, orient)
+def match(a: np.ndarray, b: np.ndarray) -> Match:
+    """How well thumbnail b, turned, rotated, scaled and shifted, reproduces the centre of a.
+
+    Cheapest first: most copies are re-encoded, resized or turned by 90 degrees, and match
+    in their best orientation as they are. Otherwise, per orientation whose descriptor comes
+    close to the best (a hand and its mirror image can), a coarse grid at 64 px (rotation,
+    isotropic scale, every shift); a hopeless best stops there, else it is refined at 128 px
+    with separate x and y scales (a crop of one side changes the aspect ratio).
+    """
+    sims = descriptors(b) @ descriptors(a)[0]
+    ranked = [int(o) for o in np.argsort(-sims)[:MAX_ORIENTS] if sims[o] >= sims.max() - 0.05]
+    a128 = _centre(band_pass(a, 1.0, 4.0))
+    b128 = band_pass(dihedral(b, ranked[0]), 1.0, 4.0)
+    as_is = float(_best_ncc(b128[None], a128)[0])
+    if as_is >= MATCH_SCORE:
+        return Match(as_is, ranked[0], 0.0, 1.0, 1.0)
     half = THUMB // 2
-    a64 = a.astype(np.float32).reshape(half, 2, half, 2).mean(axis=(1, 3))
-    b64 = b.astype(np.float32).reshape(half, 2, half, 2).mean(axis=(1, 3))
-    grid = [(ang, s) for s in SCALES for ang in ANGLES]
-    coarse = _best_ncc(_warps(band_pass(b64, 0.7, 2.5), grid), _centre(band_pass(a64, 0.7, 2.5)))
-    angle, scale = grid[int(coarse.argmax())]
-    fine_grid = [(angle + da, scale * ds) for ds in (0.97, 1.0, 1.03) for da in (-1.25, 0.0, 1.25)]
-    fine = _best_ncc(_warps(band_pass(b, 1.0, 4.0), fine_grid), _centre(band_pass(a, 1.0, 4.0)))
+    template64 = _centre(band_pass(a.astype(np.float32).reshape(half, 2, half, 2).mean(axis=(1, 3)),
+                                   0.7, 2.5))
+    best = (-2.0, 0, GRID[0], None)
+    for o in ranked:
+        bo = dihedral(b, o).astype(np.float32)
+        b64 = band_pass(bo.reshape(half, 2, half, 2).mean(axis=(1, 3)), 0.7, 2.5)
+        coarse = _best_ncc(_warps(b64, GRID), template64)
+        k = int(coarse.argmax())
+        if coarse[k] > best[0]:
+            best = (float(coarse[k]), o, GRID[k], b64)
+    _, o, (angle, s, _), b64 = best
+    # steps of 5 degrees and 10 % leave at most 2.5 degrees and 5 % to find: about one
+    # pixel at the template's edge, which the 64 px band (sigma 0.7 to 2.5) still sees
+    local = [(angle + da, s * ds, s * ds) for da in (-2.0, 0.0, 2.0) for ds in (0.965, 1.0, 1.035)]
+    refined = _best_ncc(_warps(b64, local), template64)
+    k = int(refined.argmax())
+    score, (angle, s, _) = float(refined[k]), local[k]
+    if score < HOPELESS:
+        return Match(score, o, angle, s, s)
+    fine_grid = [(angle, s * fx, s * fy) for fx in (0.97, 1.0, 1.03) for fy in (0.97, 1.0, 1.03)]
+    fine = _best_ncc(_warps(band_pass(dihedral(b, o), 1.0, 4.0), fine_grid), a128)
     k = int(fine.argmax())
-    return Match(float(fine[k]), fine_grid[k][0], fine_grid[k][1])
+    return Match(max(float(fine[k]), as_is if o == ranked[0] else -1.0), o, *fine_grid[k])
 
 
-def _match_pairs(args: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    a, b, orient = args
-    return np.array([match(x, y, int(o)).score for x, y, o in zip(a, b, orient)], np.float32)
+def _match_pairs(args: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    a, b = args
+    return np.array([match(x, y).score for x, y in zip(a, b)], np.float32)
 
 
 # ---------------------------------------------------------------------------- grouping
@@ -309,60 +340,50 @@ class NearGroups:
     """Result of `near_duplicate_groups` over N thumbnails."""
 
     labels: np.ndarray  # (N,) group id = smallest member index
-    links: np.ndarray  # verified pairs: structured (i, j, sim, orient) plus score
+    links: list[tuple[int, int, float, float]]  # verified (i, j, descriptor sim, match score)
     checked: int  # candidate pairs that were verified
 
 
 def near_duplicate_groups(thumbs: np.ndarray, *, executor=None, progress: Progress | None = None,
-                          min_sim: float = CANDIDATE_SIM, min_score: float = MATCH_SCORE,
-                          chunk: int = 256) -> NearGroups:
+                          min_score: float = MATCH_SCORE, chunk: int = 256) -> NearGroups:
     """Group (N, THUMB, THUMB) thumbnails into near-duplicate groups (connected components).
 
-    Candidates are verified best first and a pair already joined through others is skipped,
-    which is what keeps verification near-linear in a heavily duplicated set. Each round
-    verifies `chunk` pairs, in parallel when an `executor` is given.
+    Candidates are verified most similar first, and a pair already joined through others is
+    skipped: that keeps verification near-linear in a heavily duplicated set. Each round
+    verifies up to `chunk` pairs, in parallel when an `executor` is given.
     """
     n = len(thumbs)
-    desc = np.stack([descriptors(t) for t in thumbs]) if n else np.zeros((0, 8, DCT_K ** 2))
-    pairs = candidate_pairs(desc, min_sim)
+    desc = np.stack([descriptors(t) for t in thumbs]) if n else np.zeros((0, 8, 1), np.float32)
+    pairs = candidate_pairs(desc)
     uf = UnionFind(n)
-    links, scores = [], []
-    checked = 0
-    pos = 0
+    links: list[tuple[int, int, float, float]] = []
+    checked = pos = 0
     while pos < len(pairs):
         batch = []
         while pos < len(pairs) and len(batch) < chunk:
-            p = pairs[pos]
+            i, j = int(pairs["i"][pos]), int(pairs["j"][pos])
+            if uf.find(i) != uf.find(j):
+                batch.append(pos)
             pos += 1
-            if uf.find(int(p["i"])) != uf.find(int(p["j"])):
-                batch.append(p)
         if not batch:
-            break
-        batch = np.array(batch, dtype=pairs.dtype)
-        got = _verify(thumbs, batch, executor)
-        checked += len(batch)
-        for p, s in zip(batch, got):
-            if s >= min_score:
-                uf.union(int(p["i"]), int(p["j"]))
-                links.append(p)
-                scores.append(s)
+            continue
+        chosen = pairs[batch]
+        scores = _verify(thumbs, chosen, executor)
+        checked += len(chosen)
+        for (i, j, sim), score in zip(chosen.tolist(), scores.tolist()):
+            if score >= min_score:
+                uf.union(i, j)
+                links.append((i, j, sim, score))
         if progress:
             progress("verify", pos, len(pairs))
-    link_arr = np.zeros(len(links), [("i", np.int64), ("j", np.int64), ("sim", np.float32),
-                                     ("orient", np.int8), ("score", np.float32)])
-    if links:
-        la = np.array(links, dtype=pairs.dtype)
-        for name in ("i", "j", "sim", "orient"):
-            link_arr[name] = la[name]
-        link_arr["score"] = scores
-    return NearGroups(uf.labels(), link_arr, checked)
+    return NearGroups(uf.labels(), links, checked)
 
 
 def _verify(thumbs: np.ndarray, batch: np.ndarray, executor) -> np.ndarray:
-    a, b, o = thumbs[batch["i"]], thumbs[batch["j"]], batch["orient"]
+    a, b = thumbs[batch["i"]], thumbs[batch["j"]]
     if executor is None or len(batch) < 16:
-        return _match_pairs((a, b, o))
+        return _match_pairs((a, b))
     workers = getattr(executor, "_max_workers", 2)
     bounds = np.linspace(0, len(batch), workers * 2 + 1).astype(int)
-    jobs = [(a[s:e], b[s:e], o[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    jobs = [(a[s:e], b[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return np.concatenate(list(executor.map(_match_pairs, jobs)))

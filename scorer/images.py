@@ -3,9 +3,9 @@
 `read_image` decides the format from the file's bytes, never its name (exported data sets are
 full of PNGs called .jpg), decodes it completely, and returns ONE float32 image (H, W) in [0, 1]:
 
-- JPEG, PNG, BMP, TIFF, GIF and WebP through Pillow, in every mode Pillow produces. Only these
-  plugins are ever tried: a hospital share also holds PDFs and EPS files, and Pillow's EPS
-  plugin would run Ghostscript on them.
+- JPEG, PNG, BMP, TIFF, GIF (first frame) and WebP (web exports end up in data sets) through
+  Pillow, in every mode Pillow produces. Only these plugins are ever tried: a hospital share
+  also holds PDFs and EPS files, and Pillow's EPS plugin would run Ghostscript on them.
 - DICOM through pydicom: modality LUT (Rescale Slope/Intercept), then the VOI LUT or the first
   Window Center/Width, then MONOCHROME1 inverted. Without a VOI the stored bit depth (Bits
   Stored) defines black and white. Multi-frame files give their first frame.
@@ -323,6 +323,13 @@ def _read_dicom(f, path: str | os.PathLike, force: bool = False) -> np.ndarray:
         kind = f" ({kind.name})" if kind is not None else ""
         raise ImageReadError(f"{path}: DICOM file has no pixel data{kind}: not an image, or "
                              "the file is truncated")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # No file meta (no preamble): the encoding pydicom detected is the transfer syntax.
+        from pydicom import uid
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                          uid.ExplicitVRLittleEndian if little else
+                                          uid.ExplicitVRBigEndian)
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageReadError(f"{path}: DICOM file lacks Rows/Columns")
     if Image.MAX_IMAGE_PIXELS and ds.Rows * ds.Columns > 2 * Image.MAX_IMAGE_PIXELS:
@@ -339,7 +346,8 @@ def _first_frame(ds, path) -> np.ndarray:
     try:
         return pixel_array(ds, index=0)  # decodes only the first frame; YBR comes back as RGB
     except Exception as e:  # noqa: BLE001
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {_decoder_hint(ds, e)}") from e
+        hint = _decoder_hint(ds, e)
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {hint}") from e
 
 
 def _decoder_hint(ds, e: Exception) -> str:
@@ -396,7 +404,8 @@ def _dicom_intensity(ds, arr: np.ndarray, path) -> np.ndarray:
         out = ((windowed - lo) / (hi - lo)).astype(np.float32)
     else:
         signed = int(ds.get("PixelRepresentation", 0)) == 1
-        stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2 ** bits - 1])
+        stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed
+                          else [0, 2 ** bits - 1])
         if ds.get("ModalityLUTSequence"):
             lo, hi = 0, 2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
         else:
@@ -475,7 +484,9 @@ def _pil_info(path, fmt: str) -> dict[str, Any]:
         else:
             colour = mode in _COLOUR_MODES
         width, height = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # read_image turns these by 90 degrees
+        # Pillow's PNG getexif() decodes the whole image unless eXIf came before the pixels.
+        exif = im.getexif() if fmt != "png" or "exif" in im.info else {}
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # read_image turns these by 90 degrees
             width, height = height, width
         return {"format": fmt, "mode": mode, "width": width, "height": height,
                 "bit_depth": depth, "is_colour": colour}

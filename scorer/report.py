@@ -27,7 +27,8 @@ POINT_LABELS = {"accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)",
                 "specificity": "Specificity", "precision": "Precision (PPV)", "npv": "NPV",
                 "f1": "F1"}
 POS_COLOUR, NEG_COLOUR = "#c0392b", "#2471a3"
-POINT_STYLE = {"model": dict(marker="o", color="#111111"), "target": dict(marker="D", color="#e67e22")}
+POINT_STYLE = {"model": dict(marker="o", color="#111111"),
+               "target": dict(marker="D", color="#e67e22")}
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def _ci(ci: dict[str, Any] | None, digits: int = 3) -> str:
 def _point_title(name: str, point: dict[str, Any]) -> str:
     if name == "target":
         return (f"target sensitivity {_f(point['target_sensitivity'], 2)} "
-                f"(threshold {_f(point['threshold'], 4)})")
+                f"(threshold {point['threshold']:.4g})")
     return f"model threshold {_f(point['threshold'], 3)}"
 
 
@@ -70,7 +71,8 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
              + ", ".join(f"{c} {v['files']}" for c, v in data["per_class"].items())
              + (f"; {data['unreadable']} unreadable, metrics use the {data['readable']} readable"
                 if data["unreadable"] else "")
-             + (f"; {data['ignored']} non-image files ignored" if data.get("ignored") else ""),
+             + (f"; {data['ignored']} non-image files ignored" if data.get("ignored") else "")
+             + (f"; labels from {data['labels_csv']}" if data["source"] == "labels" else ""),
              ""]
 
     lines += [f"Classification report (threshold {_f(model['threshold'])})",
@@ -121,7 +123,8 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
         lines += [f"  {f['path']}: {_reason(f)}" for f in failed[:max_failed]]
         if len(failed) > max_failed:
             lines.append(f"  ... and {len(failed) - max_failed} more (see predictions.csv)")
-    return "\n".join(lines).rstrip() + "\n"
+    text = "\n".join(lines).rstrip() + "\n"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # undecodable file names
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
              "report": out / "report.html"}
     write_predictions(paths["predictions"], ev.rows)
     paths["metrics"].write_text(metrics_json(ev), encoding="utf-8")
-    paths["report"].write_text(render_html(ev), encoding="utf-8")
+    paths["report"].write_text(render_html(ev), encoding="utf-8", errors="backslashreplace")
     return paths
 
 
@@ -196,7 +199,7 @@ def _png(fig) -> str:
 
 def _short_title(name: str, p: dict[str, Any]) -> str:
     if name == "target":
-        return f"sensitivity >= {p['target_sensitivity']:g} (threshold {p['threshold']:.3f})"
+        return f"sensitivity >= {p['target_sensitivity']:g} (threshold {p['threshold']:.3g})"
     return f"model threshold {p['threshold']:.3f}"
 
 
@@ -315,7 +318,8 @@ h2 { font-size:16px; margin:0 0 12px; color:var(--accent); }
 table { border-collapse:collapse; font-variant-numeric:tabular-nums; width:100%; }
 th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:right;
   vertical-align:top; }
-thead th { font-weight:600; color:var(--muted); font-size:12px; border-bottom:2px solid var(--line); }
+thead th { font-weight:600; color:var(--muted); font-size:12px;
+  border-bottom:2px solid var(--line); }
 th:first-child, td:first-child { text-align:left; padding-left:0; }
 tbody tr:last-child td, tbody tr:last-child th { border-bottom:none; }
 tr.total td { font-weight:600; border-top:2px solid var(--line); }
@@ -455,11 +459,11 @@ def render_html(ev: Evaluation) -> str:
         _card("images", str(data["files"]),
               f"{data['unreadable']} unreadable" if data["unreadable"] else "all readable"),
         _card("ROC-AUC", _f(m["roc_auc"]["value"]), ci_sub(m["roc_auc"]["ci"])),
-        _card(f"sensitivity @ {_f(at['threshold'], 2)}", _f(at["sensitivity"]),
+        _card(f"sensitivity @ {_f(at['threshold'])}", _f(at["sensitivity"]),
               ci_sub(ci.get("sensitivity"))),
-        _card(f"specificity @ {_f(at['threshold'], 2)}", _f(at["specificity"]),
+        _card(f"specificity @ {_f(at['threshold'])}", _f(at["specificity"]),
               ci_sub(ci.get("specificity"))),
-        _card(f"accuracy @ {_f(at['threshold'], 2)}", _f(at["accuracy"]),
+        _card(f"accuracy @ {_f(at['threshold'])}", _f(at["accuracy"]),
               ci_sub(ci.get("accuracy"))),
     ])
     warn = (f'<div class="warn"><b>{data["unreadable"]} of {data["files"]} files could not be '
@@ -490,8 +494,8 @@ def render_html(ev: Evaluation) -> str:
     if data.get("ignored"):
         data_kv.append(("ignored", f'{data["ignored"]} non-image file(s) in the class folders'))
 
-    rank_rows = [[label, _f(m[k]["value"]), _ci_cell(m[k]["ci"])]
-                 for k, label in (("roc_auc", "ROC-AUC"), ("average_precision", "Average precision"))]
+    rank_rows = [[label, _f(m[k]["value"]), _ci_cell(m[k]["ci"])] for k, label in
+                 (("roc_auc", "ROC-AUC"), ("average_precision", "Average precision"))]
     cal = m["calibration"]
     cal_rows = [[f"{r['lower']:.1f} – {r['upper']:.1f}", str(r["count"]), _f(r["mean_predicted"]),
                  _f(r["fraction_positive"])] for r in cal["reliability_curve"]]

@@ -93,8 +93,9 @@ def versions() -> dict[str, str]:
 
     from fxscore import __version__
 
-    return {"fxscore": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+    return {"fxscore": __version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "numpy": numpy.__version__,
             "pillow": PIL.__version__, "python": platform.python_version()}
 
 

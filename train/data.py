@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,14 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from fxscore.files import find_images
+from fxscore.fingerprint import sha256_file
 from fxscore.images import ImageReadError, read_image
 
 from .presets import TrainPreset
 
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "val")
-NOT_IMAGES = {".txt", ".csv", ".json", ".md", ".db", ".ini", ".xml", ".html", ".py"}
 Progress = Callable[[str, int, int], None]
 
 
@@ -46,16 +48,7 @@ class Layout:
     class_names: tuple[str, str]  # folder names, sorted (torchvision ImageFolder order)
     positive_class: str
     splits: dict[str, list[Sample]] = field(default_factory=dict)
-
-
-def is_candidate(path: Path) -> bool:
-    """Files worth handing to the reader: not hidden, not obviously a text/database file.
-
-    Image files are recognised by content (the reader sniffs), not by extension, because real
-    data sets contain PNGs named .jpg and DICOMs with no extension at all.
-    """
-    return (path.is_file() and not path.name.startswith(".")
-            and path.suffix.lower() not in NOT_IMAGES)
+    ignored: int = 0  # non-image files in the class folders, passed over as `fxscore run` does
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -92,7 +85,10 @@ def discover(root: str | Path, positive_class: str = "fractured",
                             f"missing {missing}, unexpected {extra}")
         samples = []
         for cls in classes:
-            files = sorted(p for p in (split_dir / cls).rglob("*") if is_candidate(p))
+            counts: Counter = Counter()
+            # The files `fxscore run` would score: same extensions, DICOM sniffing, hidden skipped.
+            files = [path for _, path in find_images(split_dir / cls, counts=counts)]
+            layout.ignored += counts["ignored"]
             if not files:
                 raise DataError(f"{split_dir / cls}: no files; every class needs images in "
                                 f"{split}/")
@@ -109,10 +105,9 @@ def fingerprint(layout: Layout) -> tuple[str, list[dict]]:
     rows = []
     for split, samples in layout.splits.items():
         for s in samples:
-            data = s.path.read_bytes()
             rows.append({"file": s.path.relative_to(layout.root).as_posix(), "split": split,
-                         "target": s.target, "bytes": len(data),
-                         "sha256": hashlib.sha256(data).hexdigest()})
+                         "target": s.target, "bytes": s.path.stat().st_size,
+                         "sha256": sha256_file(s.path)})
     digest = hashlib.sha256()
     for r in sorted(rows, key=lambda r: r["file"]):
         digest.update(f"{r['file']}\t{r['bytes']}\t{r['sha256']}\n".encode())
@@ -200,6 +195,26 @@ def view_batches(order: Sequence[int], batch_size: int, view: int, training: boo
                  ) -> list[list[tuple[int, int]]]:
     """Batch keys (view, index) for one view of the images in `order`."""
     return chunks([(view, int(i)) for i in order], batch_size, training)
+
+
+class EpochBatches:
+    """Batch sampler of the naive loop: epoch e's shuffled order, keys (view = e - 1, index).
+
+    The epoch is set from outside (`set_epoch`), so persistent DataLoader workers keep working.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_order(self.n, self.seed, self.epoch)
+        return iter(view_batches(order.tolist(), self.batch_size, self.epoch - 1))
+
+    def __len__(self) -> int:
+        return len(chunks(range(self.n), self.batch_size))
 
 
 def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int

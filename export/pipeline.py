@@ -1,0 +1,181 @@
+"""The whole export: checkpoint -> verified model file(s) and a report, or nothing at all.
+
+Every output is built as a hidden temporary beside its destination and renamed into place only
+after it passed every check, so a failed or interrupted export leaves no model behind (and an
+older model at the same path untouched). Order: export, validate the contract and load the file
+with the scorer, prove parity, (quantise and compare), then publish.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fxscore.evaluate import EvalDataError, items_from_folders
+from fxscore.files import find_images
+
+from . import parity, quantize
+from .io import publish, staged, write_json
+from .onnx_export import (IR_VERSION, OPSET, ExportError, build_meta, load_checkpoint, to_onnx,
+                          verify_file)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    out: Path
+    verify: Path | None = None  # images for the file parity check (recursive)
+    int8: bool = False
+    calibration: Path | None = None  # images for int8 calibration (recursive)
+    int8_eval: Path | None = None  # labelled DIR/<class>/ for the int8 check; default: verify
+    threshold: float | None = None  # default 0.5
+    model_name: str | None = None
+    model_version: str | None = None
+    opset: int = OPSET
+    force: bool = False  # write the int8 model even when its ROC-AUC drops too much
+    tolerance: float = parity.TOLERANCE
+    auc_drop_limit: float = quantize.AUC_DROP_LIMIT
+    threads: int | None = None
+
+
+class ExportFailed(RuntimeError):
+    """A check failed; `report` says which and is also saved beside the model path."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+def int8_path(out: Path) -> Path:
+    """model.onnx -> model.int8.onnx"""
+    return Path(out).with_suffix(".int8.onnx")
+
+
+def report_path(out: Path) -> Path:
+    """model.onnx -> model.export.json"""
+    return Path(out).with_suffix(".export.json")
+
+
+def export(checkpoint: str | os.PathLike, opts: ExportOptions,
+           progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Export, verify and write; return the report. Raises ExportFailed when a check fails."""
+    out = Path(opts.out)
+    if out.suffix.lower() != ".onnx":
+        raise ExportError(f"--out {out}: name the model file *.onnx (e.g. model.onnx)")
+    verify_items = _verify_items(opts.verify)
+    calibration = _calibration_files(opts) if opts.int8 else []
+
+    progress(f"reading checkpoint {checkpoint}")
+    model, ckpt = load_checkpoint(checkpoint)
+    meta = build_meta(ckpt, threshold=opts.threshold, model_name=opts.model_name,
+                      model_version=opts.model_version)
+    eval_items = _int8_eval_items(opts, meta.class_names) if opts.int8 else []
+
+    progress(f"exporting to ONNX (opset {opts.opset}, IR {IR_VERSION})")
+    proto = to_onnx(model, meta, opset=opts.opset)
+    report: dict[str, Any] = {
+        "ok": False, "checkpoint": str(checkpoint), "model": str(out), "opset": opts.opset,
+        "ir_version": IR_VERSION, "tolerance": opts.tolerance, "metadata": meta.to_dict(),
+        "written": []}
+    with ExitStack() as stack:
+        tmp = stack.enter_context(staged(out))
+        tmp.write_bytes(proto.SerializeToString())
+        scorer = verify_file(tmp, meta, threads=opts.threads)
+        logits = parity.logit_session(proto, opts.threads)
+
+        progress("parity on random tensors (batch 1 and 5)")
+        checks: dict[str, Any] = {"random": parity.random_parity(model, scorer, logits)}
+        if verify_items is not None:
+            progress(f"parity on {len(verify_items)} files of {opts.verify}")
+            checks["files"] = parity.file_parity(model, scorer, logits, verify_items)
+            checks["files"]["folder"] = str(opts.verify)
+        report["parity"] = checks
+        bad = parity.problems(checks, opts.tolerance)
+        if bad:
+            report["errors"] = bad
+            write_json(report_path(out), report)
+            raise ExportFailed("the ONNX model does not compute what the checkpoint computes: "
+                               + "; ".join(bad) + f". No model written; see {report_path(out)}",
+                               report)
+        report["size_bytes"] = tmp.stat().st_size
+
+        refusal = None
+        if opts.int8:
+            tmp8 = stack.enter_context(staged(int8_path(out)))
+            report["int8"] = _int8(tmp, tmp8, scorer, meta, calibration, eval_items, opts,
+                                   progress)
+            refusal = report["int8"]["problem"]
+
+        publish(tmp, out)
+        report["written"].append(str(out))
+        if opts.int8 and report["int8"]["written"]:
+            publish(tmp8, int8_path(out))
+            report["written"].append(str(int8_path(out)))
+        report["ok"] = refusal is None or opts.force
+        report["written"].append(str(report_path(out)))
+        write_json(report_path(out), report)
+    if not report["ok"]:
+        raise ExportFailed(f"int8 model refused: {refusal}. Wrote the verified fp32 model {out} "
+                           f"but not {int8_path(out)}; --force writes it anyway. "
+                           f"See {report_path(out)}", report)
+    return report
+
+
+def _int8(fp32: Path, dest: Path, scorer, meta, calibration: list[Path], eval_items,
+          opts: ExportOptions, progress: Callable[[str], None]) -> dict[str, Any]:
+    meta8 = dataclasses.replace(
+        meta, model_version=f"{meta.model_version}-int8",
+        training={**meta.training, "quantization": {**quantize.SETTINGS,
+                                                    "calibration_files": len(calibration)}})
+    progress(f"quantising to int8, calibrating on {len(calibration)} images of "
+             f"{opts.calibration}")
+    done = quantize.quantize(fp32, dest, calibration, meta8)
+    int8_model = verify_file(dest, meta8, threads=opts.threads)
+    eval_root = opts.int8_eval or opts.verify
+    progress(f"comparing int8 with fp32 on {len(eval_items)} labelled images of {eval_root}")
+    result = quantize.compare(scorer, int8_model, eval_items)
+    why = quantize.problem(result, opts.auc_drop_limit)
+    return {**done, **result, "path": str(int8_path(opts.out)), "eval_folder": str(eval_root),
+            "auc_drop_limit": opts.auc_drop_limit, "size_bytes": dest.stat().st_size,
+            "problem": why, "forced": bool(why and opts.force),
+            "written": why is None or opts.force}
+
+
+def _verify_items(folder: Path | None) -> list | None:
+    if folder is None:
+        return None
+    if not Path(folder).is_dir():
+        raise ExportError(f"--verify {folder}: not a folder; give a folder of X-rays")
+    items = list(find_images(Path(folder)))
+    if not items:
+        raise ExportError(f"--verify {folder}: no image files found below it")
+    return items
+
+
+def _calibration_files(opts: ExportOptions) -> list[Path]:
+    if opts.calibration is None:
+        raise ExportError("--int8 needs --calibration DIR: a folder of X-rays (e.g. the training "
+                          "images) to measure activation ranges on")
+    if not opts.calibration.is_dir():
+        raise ExportError(f"--calibration {opts.calibration}: not a folder; give a folder of "
+                          "X-rays")
+    files = [f for _, f in find_images(opts.calibration)]
+    if not files:
+        raise ExportError(f"--calibration {opts.calibration}: no image files found below it")
+    return quantize.pick_calibration(files)
+
+
+def _int8_eval_items(opts: ExportOptions, class_names: tuple[str, ...]) -> list:
+    root = opts.int8_eval or opts.verify
+    if root is None:
+        raise ExportError("--int8 needs labelled images to compare int8 with fp32: --verify DIR "
+                          "or --int8-eval DIR with one folder per class")
+    flag = "--int8-eval" if opts.int8_eval else "--verify"
+    if not Path(root).is_dir():
+        raise ExportError(f"{flag} {root}: not a folder")
+    try:
+        return items_from_folders(Path(root), class_names)
+    except EvalDataError as e:
+        raise ExportError(f"{flag}: {e}") from e
