@@ -84,7 +84,8 @@ def load_checkpoint(path: str | Path) -> tuple[ProbabilityModel, dict[str, Any]]
 
 
 def build_meta(ckpt: dict[str, Any], *, threshold: float | None = None,
-               model_name: str | None = None, model_version: str | None = None) -> ModelMeta:
+               model_name: str | None = None, model_version: str | None = None,
+               opset: int = OPSET) -> ModelMeta:
     """The contract metadata: classes and preprocessing from the checkpoint, plus its training summary.
 
     model_version defaults to 'ckpt-<first 12 hex of the checkpoint's sha256>', so a model file
@@ -97,14 +98,14 @@ def build_meta(ckpt: dict[str, Any], *, threshold: float | None = None,
                          threshold=0.5 if threshold is None else float(threshold),
                          model_name=model_name or ModelMeta.model_name,
                          model_version=model_version or f"ckpt-{ckpt['sha256'][:12]}",
-                         training=finite_or_none(training_summary(ckpt)))
+                         training=finite_or_none(training_summary(ckpt, opset)))
         # The scorer's own validator, on exactly what will be written.
         return ModelMeta.from_props(meta.to_props(), "exported metadata")
     except (ContractError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"checkpoint metadata does not make a valid fxscore model: {e}") from e
 
 
-def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
+def training_summary(ckpt: dict[str, Any], opset: int = OPSET) -> dict[str, Any]:
     """What the model file says about how it was made (stored under the contract's `training`)."""
     return {"epoch": ckpt["epoch"], "best_epoch": ckpt["best_epoch"],
             "metrics": ckpt["metrics"], "best_metrics": ckpt["best_metrics"],
@@ -112,7 +113,7 @@ def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
             "config": ckpt["config"], "checkpoint_sha256": ckpt["sha256"],
             "export": {"fxscore": __version__, "torch": str(torch.__version__),
                        "onnx": onnx.__version__, "python": platform.python_version(),
-                       "opset": OPSET, "ir_version": IR_VERSION}}
+                       "opset": opset, "ir_version": IR_VERSION}}
 
 
 def to_onnx(model: ProbabilityModel, meta: ModelMeta, *, opset: int = OPSET) -> onnx.ModelProto:

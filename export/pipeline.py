@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from fxscore.evaluate import EvalDataError, items_from_folders
 from fxscore.files import find_images
 
@@ -29,6 +31,7 @@ class ExportOptions:
     verify: Path | None = None  # images for the file parity check (recursive)
     int8: bool = False
     calibration: Path | None = None  # images for int8 calibration (recursive)
+    calibration_images: int = quantize.CALIBRATION_IMAGES  # at most this many are drawn
     int8_eval: Path | None = None  # labelled DIR/<class>/ for the int8 check; default: verify
     threshold: float | None = None  # default 0.5
     model_name: str | None = None
@@ -37,7 +40,7 @@ class ExportOptions:
     force: bool = False  # write the int8 model even when its ROC-AUC drops too much
     tolerance: float = parity.TOLERANCE
     auc_drop_limit: float = quantize.AUC_DROP_LIMIT
-    threads: int | None = None
+    threads: int | None = None  # torch and onnxruntime threads for the checks
 
 
 class ExportFailed(RuntimeError):
@@ -61,6 +64,17 @@ def report_path(out: Path) -> Path:
 def export(checkpoint: str | os.PathLike, opts: ExportOptions,
            progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Export, verify and write; return the report. Raises ExportFailed when a check fails."""
+    previous = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _export(checkpoint, opts, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _export(checkpoint: str | os.PathLike, opts: ExportOptions,
+            progress: Callable[[str], None]) -> dict[str, Any]:
     out = Path(opts.out)
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--out {out}: name the model file *.onnx (e.g. model.onnx)")
@@ -70,7 +84,7 @@ def export(checkpoint: str | os.PathLike, opts: ExportOptions,
     progress(f"reading checkpoint {checkpoint}")
     model, ckpt = load_checkpoint(checkpoint)
     meta = build_meta(ckpt, threshold=opts.threshold, model_name=opts.model_name,
-                      model_version=opts.model_version)
+                      model_version=opts.model_version, opset=opts.opset)
     eval_items = _int8_eval_items(opts, meta.class_names) if opts.int8 else []
 
     progress(f"exporting to ONNX (opset {opts.opset}, IR {IR_VERSION})")
@@ -164,7 +178,7 @@ def _calibration_files(opts: ExportOptions) -> list[Path]:
     files = [f for _, f in find_images(opts.calibration)]
     if not files:
         raise ExportError(f"--calibration {opts.calibration}: no image files found below it")
-    return quantize.pick_calibration(files)
+    return quantize.pick_calibration(files, opts.calibration_images)
 
 
 def _int8_eval_items(opts: ExportOptions, class_names: tuple[str, ...]) -> list:

@@ -109,7 +109,8 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
           --out preds-$SLURM_ARRAY_TASK_ID.csv
 
     Exit codes: 0 every file scored; 3 finished, but some files could not be read (rows with
-    an error); 1 fatal error (model, input or output unusable); 2 usage error.
+    an error in --out, from this run or an earlier one) or some folders not listed; 1 fatal
+    error (model, input or output unusable); 2 usage error.
     """
     import sys
     import time
@@ -153,9 +154,10 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
                 yield rel, path
 
     show = not quiet and sys.stderr.isatty()
-    start = last = time.monotonic()
+    start, last = time.monotonic(), 0.0
     try:
-        for rows in score_batches(model, todo(), batch_size=batch_size, workers=workers):
+        for rows in score_batches(model, todo(), batch_size=batch_size,
+                                  workers=workers or threads):
             writer.write_batch(rows)
             failed = sum(1 for r in rows if r["error"])
             counts["failed"] += failed
@@ -166,16 +168,21 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
                 click.echo(f"\r{done} files  {done / (last - start):.1f}/s  "
                            f"{counts['failed']} failed ", err=True, nl=False)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; rerun the same command to resume {out}", err=True)
+        if out != "-":
+            click.echo(f"\ninterrupted; rerun the same command to resume {out}", err=True)
         raise
+    except BrokenPipeError:  # e.g. `fxscore run ... | head`
+        raise click.ClickException("output closed by its reader (broken pipe)") from None
     except (ModelError, OSError) as e:
-        raise click.ClickException(f"{e}; rerun the same command to resume") from None
+        hint = "" if out == "-" else "; rerun the same command to resume"
+        raise click.ClickException(f"{e}{hint}") from None
     finally:
         writer.close()
         if show:
             click.echo("", err=True)
 
     failed_total = counts["failed"] + existing.failed
+    incomplete = failed_total or counts["unlisted"]
     if not quiet:
         earlier = f", {counts['skipped']} already in {out}" if counts["skipped"] else ""
         click.echo(f"{counts['scored']} scored, {counts['failed']} failed, {counts['ignored']} "
@@ -185,7 +192,10 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
         if failed_total:
             click.echo(f"{failed_total} file(s) could not be read; see the error column",
                        err=True)
-    if failed_total:
+        if counts["unlisted"]:
+            click.echo(f"{counts['unlisted']} folder(s) could not be listed (see warnings)",
+                       err=True)
+    if incomplete:
         click.get_current_context().exit(EXIT_SOME_FAILED)
 
 # ---- eval ---------------------------------------------------------------------------------
@@ -290,7 +300,286 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
 
 # ---- audit / split ------------------------------------------------------------------------
 
+EXIT_LEAK = 4  # audit --fail-on-leak: a group of copies spans two splits
+
+
+def _audit_options(f):
+    f = click.option("--workers", type=click.IntRange(1), default=None,
+                     help="processes reading images [default: the CPUs this job may use]")(f)
+    f = click.option("--no-labels", is_flag=True,
+                     help="folders below the data (or split) folder are not classes")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="no progress on stderr")(f)
+    return f
+
+
+def _run_audit(data: str, no_labels: bool, workers: int | None, quiet: bool):
+    from .audit import AuditError, run_audit
+
+    try:
+        return run_audit(data, labels=not no_labels, workers=workers,
+                         progress=None if quiet else _stderr_bars())
+    except AuditError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command("audit")
+@click.argument("data", metavar="DATA", type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="write audit.json, groups.csv and files.csv into this folder")
+@click.option("--fail-on-leak", is_flag=True,
+              help=f"exit with {EXIT_LEAK} if any group of copies spans two splits")
+@_audit_options
+def audit(data: str, out_dir: str | None, fail_on_leak: bool, no_labels: bool,
+          workers: int | None, quiet: bool) -> None:
+    """Find copies across splits, label conflicts and shortcuts in an image data set.
+
+    DATA is either a folder with split folders (train/ val/ test/, also training/ valid/
+    validation/ dev/ testing/), each holding one folder per class, or one folder tree (one
+    folder per class, or just images). Every file is hashed (exact copies) and every distinct
+    content read once and fingerprinted: near copies (re-encoded, resized, flipped, turned by
+    90 degrees, rotated up to ~10 degrees, cropped up to ~10 %, brighter or darker) join one
+    group. A group in two splits is a leak: the later split (train < val < test) holds images
+    the earlier one trained on, so its numbers are too good.
+
+    The shortcut check warns when one property of the file alone (image size, colour vs grey,
+    format, bit depth) predicts the class: a model learns that before fractures.
+
+    \b
+    Examples:
+      fxscore audit ./data
+      fxscore audit ./data --out audit/            # audit.json, groups.csv, files.csv
+      fxscore audit ./data_clean --fail-on-leak    # in a pipeline: stop on a leak
+
+    \b
+    Exit codes: 0 done; 4 --fail-on-leak and a leak was found (takes precedence);
+    3 done, but some files could not be read (listed); 1 fatal error; 2 usage error.
+    """
+    from .audit import format_summary, write_report
+
+    result = _run_audit(data, no_labels, workers, quiet)
+    click.echo(format_summary(result))
+    if out_dir:
+        for path in write_report(result, out_dir):
+            click.echo(f"wrote {path}", err=True)
+    if fail_on_leak and result.leaked_groups:
+        click.echo(f"failing: {len(result.leaked_groups)} groups of copies span more than one "
+                   "split (--fail-on-leak)", err=True)
+        click.get_current_context().exit(EXIT_LEAK)
+    if result.unreadable:
+        click.get_current_context().exit(EXIT_SOME_FAILED)
+
+
+@cli.command("split")
+@click.argument("data", metavar="DATA", type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="new (or empty) folder for the split")
+@click.option("--val", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="share of each class for validation")
+@click.option("--test", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="share of each class for test")
+@click.option("--seed", default=0, show_default=True, type=int, help="shuffles the groups")
+@click.option("--keep-duplicates", is_flag=True,
+              help="keep every byte-identical copy (default: one per distinct content)")
+@_audit_options
+def split(data: str, out_dir: str, val: float, test: float, seed: int, keep_duplicates: bool,
+          no_labels: bool, workers: int | None, quiet: bool) -> None:
+    """Make a leak-free split of DATA: no group of copies straddles two splits.
+
+    Runs the audit's grouping (exact and near copies) on all of DATA, pooling its present
+    splits, then places whole groups so that each class gets --val and --test shares (in
+    files), the same for every --seed. The output is the usual tree,
+    OUT/{train,val,test}/<class>/<file>, made of hard links (copies where linking fails), with
+    OUT/manifest.csv (path, split, class, group, sha256, source), OUT/excluded.csv and
+    OUT/split.json.
+
+    Left out, with the reason in excluded.csv: unreadable files; groups whose copies carry
+    different labels (one of them is wrong, and which is unknown); byte-identical copies
+    beyond the first per group (they add weight, not information; --keep-duplicates keeps
+    them). Near copies stay, within their one split. Names that collide in a class folder get
+    the content's hash prefix.
+
+    \b
+    Examples:
+      fxscore split ./data --out ./data_clean --val 0.1 --test 0.2 --seed 0
+      fxscore audit ./data_clean --fail-on-leak    # finds no cross-split group
+
+    \b
+    Exit codes: 0 done; 3 done, but some files could not be read (left out, listed);
+    1 fatal error (e.g. OUT not empty); 2 usage error.
+    """
+    import os
+
+    from .split import SplitConfig, SplitError, plan_split, write_split
+
+    try:
+        config = SplitConfig(val=val, test=test, seed=seed, keep_duplicates=keep_duplicates)
+    except SplitError as e:
+        raise click.UsageError(str(e)) from None
+    result = _run_audit(data, no_labels, workers, quiet)
+    try:
+        plan = plan_split(result, config)
+        summary = write_split(plan, data, out_dir)
+    except (SplitError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{summary['files']} files in {summary['groups']} groups -> {out_dir} "
+               f"({summary['hard_linked']} hard links, {summary['copied']} copies)")
+    for name in ("train", "val", "test"):
+        per_class = summary["counts"].get(name, {})
+        click.echo(f"  {name:<5} {sum(per_class.values()):>5}  " + ", ".join(
+            f"{label or '(unlabelled)'} {n}" for label, n in sorted(per_class.items())))
+    if plan.excluded:
+        reasons = ", ".join(f"{n} {r}" for r, n in summary["excluded"].items())
+        click.echo(f"left out {len(plan.excluded)} files ({reasons}); see "
+                   f"{os.path.join(out_dir, 'excluded.csv')}")
+    if result.unreadable:
+        click.get_current_context().exit(EXIT_SOME_FAILED)
+
+
 # ---- train --------------------------------------------------------------------------------
+
+def _pos_weight(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in ("none", "auto"):
+        return value
+    try:
+        if float(value) > 0:
+            return value
+    except ValueError:
+        pass
+    raise click.BadParameter(f"expected none, auto or a positive number, got {value!r}")
+
+
+def _stderr_bars():
+    """progress(stage, done, total) drawing one bar per stage on stderr; None when not a TTY."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    current: dict = {"stage": None, "bar": None, "done": 0}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage != current["stage"]:
+            if current["bar"] is not None:
+                current["bar"].render_finish()
+            current.update(stage=stage, done=0,
+                           bar=click.progressbar(length=total, label=stage, file=sys.stderr))
+        current["bar"].update(done - current["done"])
+        current["done"] = done
+        if done >= total:
+            current["bar"].render_finish()
+            current.update(stage=None, bar=None)
+
+    return progress
+
+
+# Defaults equal TrainConfig's (a test checks); written here so --help works without torch.
+@cli.command("train")
+@click.argument("data_dir", metavar="DATA", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="run folder: config.json, history.csv, train.log, best.pt, last.pt")
+@click.option("--pretrained", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
+              help="backbone initialisation: torchvision's ImageNet weights (internet or a "
+                   "filled torch cache), random, or a local resnet18 state dict (.pth)")
+@click.option("--freeze", type=click.Choice(["backbone", "none"]), default="backbone",
+              show_default=True, help="backbone: only the new head trains; none: fine-tune all")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2, 4096))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Adam learning rate")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--scheduler", type=click.Choice(["plateau", "cosine"]), default="plateau",
+              show_default=True, help="plateau: LR x0.1 when val loss stalls for half the "
+                                      "patience; cosine: anneal to 0 over --epochs")
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(0),
+              help="stop after this many epochs without a lower val loss (0: never)")
+@click.option("--pos-weight", default="none", show_default=True, callback=_pos_weight,
+              metavar="none|auto|FLOAT",
+              help="BCE weight of positives; auto = negatives/positives in train/")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="same data + seed -> same history on CPU")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="auto: CUDA (mixed precision, channels_last) if present")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="DataLoader processes for augmentation (0: in the main process)")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch CPU threads [default: the CPUs this process may use]")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32, 4096),
+              help="network input side in pixels; saved with the model")
+@click.option("--positive-class", default="fractured", show_default=True,
+              help="the class folder whose probability the model outputs")
+@click.option("--cache-views", default=5, show_default=True, type=click.IntRange(0),
+              help="with --freeze backbone: augmented views per image whose features are "
+                   "computed once (0: run the backbone every epoch)")
+@click.option("--limit-per-class", type=click.IntRange(1), default=None,
+              help="use at most N files per class and split (quick trials)")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,
+              help="stop after the epoch that would overrun this budget (best.pt is kept; "
+                   "--resume continues)")
+@click.option("--resume", is_flag=True, help="continue the interrupted run in --out")
+@click.option("--quiet", "-q", is_flag=True, help="no progress or epoch lines on stderr")
+def train(data_dir: str, out: str, resume: bool, quiet: bool, **options) -> None:
+    """Train ResNet18 (one logit) on DATA/{train,val}/<class>/ and keep the best epoch.
+
+    DATA holds train/ and val/ (and optionally test/, scored once with the best epoch), each
+    with one folder per class, e.g. 'fractured/' and 'not fractured/'. Files are found and read
+    exactly as `fxscore run` does; unreadable ones are skipped and listed in RUN/train.log.
+    Validation uses the scorer's own preprocessing; training adds RandomResizedCrop,
+    horizontal flip and rotation (+-10 degrees).
+
+    Adam, BCEWithLogitsLoss, early stopping on val loss; RUN/best.pt is the epoch with the
+    lowest val loss (export it with `fxscore export`). --resume continues RUN from last.pt
+    with its saved recipe (only --epochs, --max-minutes, --device, --workers, --threads may
+    change) and gives the same result as an uninterrupted run.
+
+    \b
+    Examples:
+      # the seed recipe: ImageNet backbone frozen, head trained on cached features
+      fxscore train ./data --out runs/r18
+      # air-gapped: a local copy of torchvision's resnet18 weights
+      fxscore train ./data --out runs/r18 --pretrained resnet18-f37072fd.pth
+      # full fine-tuning from scratch within half an hour
+      fxscore train ./data --out runs/ft --pretrained none --freeze none --max-minutes 30
+      fxscore train ./data --out runs/ft --resume --epochs 60     # carry on
+
+    Exit codes: 0 trained; 3 trained, but some files could not be read (skipped; see
+    RUN/train.log); 1 fatal error (data layout, weights, run folder); 2 usage error.
+    """
+    from pathlib import Path
+
+    require_torch_stage("train")
+    from .train.config import TrainConfig, read_config, resumed_config
+    from .train.data import DataError
+    from .train.engine import RunError, fit
+    from .train.model import WeightsError
+
+    ctx = click.get_current_context()
+    try:
+        cfg = TrainConfig(data=data_dir, out=out, **options)
+        if resume and (Path(out) / "config.json").is_file():
+            # Options not given on this command line come from the saved recipe.
+            given = {k: v for k, v in options.items()
+                     if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
+            cfg = resumed_config(read_config(Path(out) / "config.json"),
+                                 {"data": data_dir, "out": out, **given})
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+    echo = None if quiet else (lambda line: click.echo(line, err=True))
+    try:
+        result = fit(cfg, resume=resume, log=echo, progress=None if quiet else _stderr_bars())
+    except (DataError, RunError, WeightsError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; continue with: fxscore train {data_dir} --out {out} --resume",
+                   err=True)
+        raise
+    if not quiet:
+        click.echo(f"best epoch {result.best_epoch} -> {Path(out) / 'best.pt'} (export it with "
+                   f"`fxscore export`)", err=True)
+    if result.unreadable:
+        click.echo(f"{len(result.unreadable)} file(s) could not be read and were skipped; "
+                   f"listed in {Path(out) / 'train.log'}", err=True)
+        ctx.exit(EXIT_SOME_FAILED)
+
 
 # ---- export -------------------------------------------------------------------------------
 
@@ -302,7 +591,9 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
               help="folder of X-rays (searched recursively): prove parity on every file")
 @click.option("--int8", is_flag=True, help="also write a static int8 model (QDQ, per-channel)")
 @click.option("--calibration", type=click.Path(file_okay=False), default=None,
-              help="folder of X-rays to calibrate int8 on (up to 200 are drawn)")
+              help="folder of X-rays to calibrate int8 on (searched recursively)")
+@click.option("--calibration-images", type=click.IntRange(1), default=200, show_default=True,
+              help="calibrate on at most this many images, drawn at random (seed 0)")
 @click.option("--int8-eval", type=click.Path(file_okay=False), default=None,
               help="labelled folder (one sub-folder per class) to compare int8 with fp32 on "
                    "[default: --verify]")
@@ -317,10 +608,10 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
 @click.option("--force", is_flag=True,
               help="write the int8 model even if its ROC-AUC drops by more than 0.01")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="onnxruntime threads for the checks [default: the CPUs this process may use]")
+              help="torch and onnxruntime threads [default: the CPUs this process may use]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress on stderr")
 def export(checkpoint: str, out: str, verify: str | None, int8: bool, calibration: str | None,
-           int8_eval: str | None, threshold: float | None, model_name: str | None,
+           calibration_images: int, int8_eval: str | None, threshold: float | None, model_name: str | None,
            model_version: str | None, opset: int, force: bool, threads: int | None,
            quiet: bool) -> None:
     """Turn a training checkpoint into an fxscore ONNX model, proven equal to it.
@@ -366,7 +657,7 @@ def export(checkpoint: str, out: str, verify: str | None, int8: bool, calibratio
     opts = pipeline.ExportOptions(
         out=Path(out), verify=Path(verify) if verify else None, int8=int8,
         calibration=Path(calibration) if calibration else None,
-        int8_eval=Path(int8_eval) if int8_eval else None, threshold=threshold,
+        calibration_images=calibration_images, int8_eval=Path(int8_eval) if int8_eval else None, threshold=threshold,
         model_name=model_name, model_version=model_version, opset=opset, force=force,
         threads=threads)
 

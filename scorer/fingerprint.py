@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
-from scipy import fft as sp_fft  # scipy comes with scikit-learn
+from scipy import fft as sp_fft, ndimage  # scipy comes with scikit-learn
 
 THUMB = 128  # thumbnail side; verification's fine level works at this size
 DCT_SIDE = 32  # the candidate descriptor's image side
@@ -36,11 +36,13 @@ DCT_K = 6  # keep the K x K lowest frequencies (minus DC)
 CANDIDATE_SIM = 0.50  # descriptor similarity for a pair to be verified at all
 MATCH_SCORE = 0.80  # verified band-pass correlation at 128 px that makes two images one group
 MAX_NEIGHBOURS = 6  # candidates per image, best first: copies rank first, bounded work
+MAX_TRIES = 3  # verifications between two groups before they are taken to be distinct
 MAX_ORIENTS = 3  # orientations tried per pair (near-symmetric images rank several alike)
 ANGLES = (-15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0)
 SCALES = (0.9, 1.0, 1.1)
 GRID = [(float(angle), s, s) for s in SCALES for angle in ANGLES]
-HOPELESS = 0.3  # coarse correlation below which no refinement can reach MATCH_SCORE
+HOPELESS = 0.5  # 64 px correlation below which the 128 px one never reached MATCH_SCORE
+CLEAR = 0.7  # 64 px correlation above which no other orientation is tried
 
 Progress = Callable[[str, int, int], None]
 
@@ -59,25 +61,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # ---------------------------------------------------------------------------- thumbnails
 
 def thumbnail(img: np.ndarray, size: int = THUMB) -> np.ndarray:
-    """(H, W) float image -> (size, size) uint8: area-averaged, longer side = size, centred on
-    black, stretched to the image's own min..max.
+    """(H, W) float image -> (size, size) uint8: its central square, area-averaged, stretched
+    to its own min..max.
 
-    Keeping the aspect ratio keeps geometry honest: rotating a tall image and squashing it to a
-    square would be a shear, which no rotation search could undo. Black is what rotated copies
-    are filled with, and the background of most radiographs. Stretching keeps 16-bit images with
-    a narrow range from collapsing into a few grey levels.
+    The central square keeps geometry honest: squashing a tall image to a square would turn a
+    rotation into a shear, and letterbox bars are edges that stay put when a crop moves the
+    content. A crop of a few percent keeps most of the central square, flips and 90 degree
+    turns map it onto itself. Stretching keeps 16-bit images with a narrow range from
+    collapsing into a few grey levels.
     """
     h, w = img.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = np.asarray(Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), "F")
-                       .resize((nw, nh), Image.BOX), dtype=np.float32)
-    out = np.zeros((size, size), np.uint8)
+    side = min(h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(img[y:y + side, x:x + side], dtype=np.float32)
+    small = np.asarray(Image.fromarray(square, "F").resize((size, size), Image.BOX),
+                       dtype=np.float32)
     lo, hi = float(small.min()), float(small.max())
-    if hi - lo > 1e-12:
-        y, x = (size - nh) // 2, (size - nw) // 2
-        out[y:y + nh, x:x + nw] = np.round((small - lo) * (255.0 / (hi - lo)))
-    return out
+    if hi - lo < 1e-12:
+        return np.zeros((size, size), np.uint8)
+    return np.round((small - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def _dct_matrix(n: int, k: int) -> np.ndarray:
@@ -179,26 +181,11 @@ def candidate_pairs(desc: np.ndarray, min_sim: float = CANDIDATE_SIM,
 
 # ---------------------------------------------------------------------------- verification
 
-def _gauss_kernel(sigma: float) -> np.ndarray:
-    r = int(3 * sigma + 0.5)
-    x = np.arange(-r, r + 1, dtype=np.float32)
-    k = np.exp(-x * x / (2 * sigma * sigma))
-    return k / k.sum()
-
-
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    k = _gauss_kernel(sigma)
-    r = len(k) // 2
-    p = np.pad(x, r, mode="reflect")
-    # separable convolution as sums of shifted copies: fast for these small kernels
-    rows = sum(k[i] * p[:, i:i + x.shape[1]] for i in range(len(k)))
-    return sum(k[i] * rows[i:i + x.shape[0], :] for i in range(len(k)))
-
-
 def band_pass(x: np.ndarray, fine: float, coarse: float) -> np.ndarray:
     """Difference of Gaussians: edges and texture, without the silhouette or the exposure."""
     x = x.astype(np.float32)
-    return _blur(x, fine) - _blur(x, coarse)
+    return (ndimage.gaussian_filter(x, fine, mode="reflect")
+            - ndimage.gaussian_filter(x, coarse, mode="reflect"))
 
 
 def _warps(x: np.ndarray, params: Iterable[tuple[float, float, float]]) -> np.ndarray:
@@ -243,10 +230,11 @@ def _best_ncc(images: np.ndarray, template: np.ndarray) -> np.ndarray:
 
 def _window_sums(x: np.ndarray, m: int) -> np.ndarray:
     """Sums over every m x m window of each image in x (N, n, n) -> (N, n-m+1, n-m+1)."""
-    c = np.cumsum(x, axis=2, dtype=np.float64)
-    r = np.concatenate([c[:, :, m - 1:m], c[:, :, m:] - c[:, :, :-m]], axis=2)
-    c = np.cumsum(r, axis=1)
-    return np.concatenate([c[:, m - 1:m], c[:, m:] - c[:, :-m]], axis=1)
+    k = x.shape[-1] - m + 1
+    lo = m // 2  # where uniform_filter1d puts the first full window
+    a = ndimage.uniform_filter1d(x, m, axis=2, mode="constant")[:, :, lo:lo + k]
+    a = ndimage.uniform_filter1d(a, m, axis=1, mode="constant")[:, lo:lo + k]
+    return a.astype(np.float64) * (m * m)
 
 
 def _centre(x: np.ndarray, frac: float = 0.7) -> np.ndarray:
@@ -265,17 +253,19 @@ class Match:
     scale_y: float
 
 
-def match(a: np.ndarray, b: np.ndarray) -> Match:
+def match(a: np.ndarray, b: np.ndarray, sims: np.ndarray | None = None) -> Match:
     """How well thumbnail b, turned, rotated, scaled and shifted, reproduces the centre of a.
 
     Cheapest first: most copies are re-encoded, resized or turned by 90 degrees, and match
-    in their best orientation as they are. Otherwise, per orientation whose descriptor comes
-    close to the best (a hand and its mirror image can), a coarse grid at 64 px (rotation,
+    in their best orientation as they are. Otherwise, for the two orientations whose
+    descriptors come closest (a leg and its mirror image are alike when blurred), a coarse grid at 64 px (rotation,
     isotropic scale, every shift); a hopeless best stops there, else it is refined at 128 px
     with separate x and y scales (a crop of one side changes the aspect ratio).
     """
-    sims = descriptors(b) @ descriptors(a)[0]
-    ranked = [int(o) for o in np.argsort(-sims)[:MAX_ORIENTS] if sims[o] >= sims.max() - 0.05]
+    if sims is None:  # descriptor similarity of each orientation of b to a
+        sims = descriptors(b) @ descriptors(a)[0]
+    order = np.argsort(-sims)[:MAX_ORIENTS]
+    ranked = [int(o) for k, o in enumerate(order) if k < 2 or sims[o] >= sims.max() - 0.05]
     a128 = _centre(band_pass(a, 1.0, 4.0))
     b128 = band_pass(dihedral(b, ranked[0]), 1.0, 4.0)
     as_is = float(_best_ncc(b128[None], a128)[0])
@@ -292,6 +282,8 @@ def match(a: np.ndarray, b: np.ndarray) -> Match:
         k = int(coarse.argmax())
         if coarse[k] > best[0]:
             best = (float(coarse[k]), o, GRID[k], b64)
+        if best[0] >= CLEAR:
+            break
     _, o, (angle, s, _), b64 = best
     # steps of 5 degrees and 10 % leave at most 2.5 degrees and 5 % to find: about one
     # pixel at the template's edge, which the 64 px band (sigma 0.7 to 2.5) still sees
@@ -307,9 +299,9 @@ def match(a: np.ndarray, b: np.ndarray) -> Match:
     return Match(max(float(fine[k]), as_is if o == ranked[0] else -1.0), o, *fine_grid[k])
 
 
-def _match_pairs(args: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    a, b = args
-    return np.array([match(x, y).score for x, y in zip(a, b)], np.float32)
+def _match_pairs(args: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    a, b, sims = args
+    return np.array([match(x, y, s).score for x, y, s in zip(a, b, sims)], np.float32)
 
 
 # ---------------------------------------------------------------------------- grouping
@@ -357,18 +349,24 @@ def near_duplicate_groups(thumbs: np.ndarray, *, executor=None, progress: Progre
     pairs = candidate_pairs(desc)
     uf = UnionFind(n)
     links: list[tuple[int, int, float, float]] = []
+    tries: dict[tuple[int, int], int] = {}
     checked = pos = 0
     while pos < len(pairs):
         batch = []
         while pos < len(pairs) and len(batch) < chunk:
-            i, j = int(pairs["i"][pos]), int(pairs["j"][pos])
-            if uf.find(i) != uf.find(j):
+            ri, rj = uf.find(int(pairs["i"][pos])), uf.find(int(pairs["j"][pos]))
+            key = (min(ri, rj), max(ri, rj))
+            # two groups that failed MAX_TRIES times on their most similar members will not
+            # match on less similar ones: a large group of augmented copies would otherwise
+            # be compared with its look-alike neighbours member by member
+            if ri != rj and tries.get(key, 0) < MAX_TRIES:
+                tries[key] = tries.get(key, 0) + 1
                 batch.append(pos)
             pos += 1
         if not batch:
             continue
         chosen = pairs[batch]
-        scores = _verify(thumbs, chosen, executor)
+        scores = _verify(thumbs, desc, chosen, executor)
         checked += len(chosen)
         for (i, j, sim), score in zip(chosen.tolist(), scores.tolist()):
             if score >= min_score:
@@ -379,11 +377,12 @@ def near_duplicate_groups(thumbs: np.ndarray, *, executor=None, progress: Progre
     return NearGroups(uf.labels(), links, checked)
 
 
-def _verify(thumbs: np.ndarray, batch: np.ndarray, executor) -> np.ndarray:
+def _verify(thumbs: np.ndarray, desc: np.ndarray, batch: np.ndarray, executor) -> np.ndarray:
     a, b = thumbs[batch["i"]], thumbs[batch["j"]]
+    sims = np.einsum("pod,pd->po", desc[batch["j"]], desc[batch["i"], 0])
     if executor is None or len(batch) < 16:
-        return _match_pairs((a, b))
+        return _match_pairs((a, b, sims))
     workers = getattr(executor, "_max_workers", 2)
     bounds = np.linspace(0, len(batch), workers * 2 + 1).astype(int)
-    jobs = [(a[s:e], b[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    jobs = [(a[s:e], b[s:e], sims[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return np.concatenate(list(executor.map(_match_pairs, jobs)))

@@ -64,19 +64,37 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU quota (in CPUs) of this process's cgroup, v2 `cpu.max` or v1 cfs files; None if unlimited."""
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"),
+                     self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The tightest CPU quota (in CPUs) on this process's cgroup; None if unlimited or unknown.
+
+    cgroup v2: `cpu.max` of this process's cgroup and of every ancestor (a container sees its
+    own cgroup at the root; a batch job on a host sits deeper). cgroup v1: the cfs files.
+    """
+    quotas = []
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
+        rel = next((line.split("::", 1)[1].strip() for line in self_cgroup.read_text().splitlines()
+                    if line.startswith("0::")), "/")
+    except OSError:
+        rel = "/"
+    folder = root / rel.lstrip("/")
+    for f in [folder, *folder.parents]:
+        try:
+            quota, period = (f / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            pass
+        if f == root:
+            break
     try:
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
         period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 or period <= 0 else quota / period
+        if quota > 0 and period > 0:
+            quotas.append(quota / period)
     except (OSError, ValueError):
-        return None
+        pass
+    return min(quotas, default=None)
 
 
 def load_model(path: str | Path | None = None, *, providers: tuple[str, ...] = ("cpu",),

@@ -6,6 +6,10 @@ newline outside quotes and the bytes on disk are always a prefix of what was wri
 `open_output` reads the complete records back, cuts the half-written tail and returns the paths
 already scored, so the rerun appends exactly the missing rows.
 
+The done paths are kept as a set of strings: exact whatever changed in the tree between runs
+(a cursor into the sorted order would silently skip files added before it), and about 100 bytes
+a path, so 100k files cost ~10 MB, less than the model.
+
 Paths are the strings `os.scandir` gives: an undecodable byte in a file name travels as a lone
 surrogate, written back as the same byte (CSV) or as a \\udcXX escape (JSON), so it round-trips.
 """
@@ -34,7 +38,7 @@ class OutputError(Exception):
 class Existing:
     """What earlier runs left in the output file."""
 
-    done: set[str] = field(default_factory=set)  # ~100 bytes a path: 1M files cost ~100 MB
+    done: set[str] = field(default_factory=set)
     failed: int = 0  # rows with an error
     cut: int = 0  # bytes of a half-written last record that were removed
 

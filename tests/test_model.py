@@ -80,15 +80,22 @@ def test_available_cpus_honours_affinity_and_quota(monkeypatch):
 @pytest.mark.parametrize("files, expected", [
     ({"cpu.max": "max 100000\n"}, None),
     ({"cpu.max": "150000 100000\n"}, 1.5),
+    # a batch job deep in the host's hierarchy: its own and its parents' limits count
+    ({"cpu.max": "max 100000\n", "job/cpu.max": "400000 100000\n",
+      "job/step/cpu.max": "max 100000\n"}, 4.0),
+    ({"job/cpu.max": "800000 100000\n", "job/step/cpu.max": "200000 100000\n"}, 2.0),
+    ({"other/cpu.max": "100000 100000\n"}, None),  # a sibling's limit is not ours
     ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
     ({}, None),
 ])
 def test_cgroup_cpu_quota(tmp_path, files, expected):
+    root = tmp_path / "cgroup"
     for rel, text in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    assert cgroup_cpu_quota(tmp_path) == expected
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (tmp_path / "self").write_text("0::/job/step\n")
+    assert cgroup_cpu_quota(root, tmp_path / "self") == expected
 
 
 def _fixed_batch(path):

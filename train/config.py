@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 SCHEDULERS = ("plateau", "cosine")
-# Options that may change when a run is resumed: they do not change what an epoch computes.
-RESUMABLE = ("epochs", "max_minutes", "device", "workers", "threads")
+# Options that may change when a run is resumed: they do not change what an epoch computes
+# (the data itself is checked by its fingerprint, so DATA may have moved).
+RESUMABLE = ("data", "out", "epochs", "max_minutes", "device", "workers", "threads")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch CPU threads; None = every core this process may use
     image_size: int = 224
     resize: str = "bilinear"
+    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (torchvision's default)
     positive_class: str = "fractured"
     cache_views: int = 5  # frozen backbone: augmented views per image in the feature cache; 0 = off
     limit_per_class: Optional[int] = None  # use at most N files per class and split (quick trials)
@@ -60,6 +62,8 @@ class TrainConfig:
         for name in ("patience", "cache_views", "workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        if not 0 < self.crop_scale <= 1:
+            problems.append("crop_scale must be in (0, 1]")
         if self.limit_per_class is not None and self.limit_per_class < 1:
             problems.append("limit_per_class must be at least 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -82,6 +86,18 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resumed_config(saved: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+    """The saved recipe with `changes`; ValueError if a change would alter the training itself."""
+    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE and v != getattr(saved, k)}
+    if fixed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {getattr(saved, k)} -> {v}"
+                           for k, v in fixed.items())
+        raise ValueError(f"a resumed run keeps its recipe; cannot change {listed}. Only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[2:])} may "
+                         "change; start a new run for anything else")
+    return TrainConfig.from_dict({**saved.to_dict(), **changes})
 
 
 def versions() -> dict[str, str]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from fxscore.contract import Preprocess
 
-from .config import RESUMABLE, TrainConfig, versions, write_config
+from .config import TrainConfig, resumed_config, versions, write_config
 from .data import (Decoded, DataError, EpochBatches, TrainViews, available_cpus, decode, discover,
                    fingerprint, tensor_batches)
 from .features import backbone, cached_batches, extract, view_cache
@@ -199,45 +199,58 @@ def _json_safe(d: dict[str, float]) -> dict[str, Optional[float]]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-def _open_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, Optional[dict[str, Any]]]:
+def _open_run(cfg: TrainConfig, resume: bool) -> Optional[dict[str, Any]]:
+    """Check the run folder; with `resume`, load last.pt and check the recipe did not change."""
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
     if not resume:
         if last.exists() or (out / "best.pt").exists():
             raise RunError(f"{out} already holds a run; continue it with --resume, or choose "
                            "another --out")
-        return cfg, None
+        return None
     if not last.is_file():
         raise RunError(f"{last}: nothing to resume; start the run without --resume")
     state = load_checkpoint(last)
-    saved = TrainConfig.from_dict(state["config"])
-    # The saved recipe wins; only options that do not change an epoch's result may differ.
-    merged = TrainConfig.from_dict({**saved.to_dict(),
-                                    **{k: getattr(cfg, k) for k in RESUMABLE},
-                                    "data": cfg.data, "out": cfg.out})
-    return merged, state
+    try:
+        resumed_config(TrainConfig.from_dict(state["config"]), cfg.to_dict())
+    except ValueError as e:
+        raise RunError(f"{last}: {e}") from None
+    return state
 
 
 def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str], None]] = None,
         progress: Optional[Progress] = None,
         on_epoch: Optional[Callable[[dict[str, float]], None]] = None) -> FitResult:
     """Train as `cfg` says, writing the run folder; `resume` continues from last.pt."""
-    cfg, state = _open_run(cfg, resume)
+    # Everything that can refuse the run (folder, device, data layout, weights) comes before
+    # anything is written, so a refused run leaves no half-made folder behind.
+    state = _open_run(cfg, resume)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = RunLog(out / "train.log", log)
     torch.set_num_threads(cfg.threads or available_cpus())
     device = resolve_device(cfg.device)
     amp = channels_last = device.type == "cuda"  # channels_last is slower on CPU for ResNet18
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     params = Preprocess(input_size=(cfg.image_size, cfg.image_size), resize=cfg.resize)
-
     layout = discover(cfg.data, cfg.positive_class, cfg.limit_per_class, cfg.seed)
     digest, files = fingerprint(layout)
     if state is not None and state["data_fingerprint"] != digest:
         raise RunError(f"{cfg.data} differs from the data {out} was trained on (fingerprint "
                        f"{digest[:12]} != {state['data_fingerprint'][:12]}); resume with the same "
                        "data, or start a new run")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model("none" if state else cfg.pretrained, cfg.freeze)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    out.mkdir(parents=True, exist_ok=True)
+    say = RunLog(out / "train.log", log)
     with (out / "data.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ("split", "file", "target", "bytes", "sha256"))
         w.writeheader()
@@ -248,21 +261,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
                  files={s: len(v) for s, v in layout.splits.items()})
     say(f"{'resuming' if state else 'starting'} run {out} on {device} "
         f"({torch.get_num_threads()} threads); data {layout.root} fingerprint {digest[:12]}")
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = build_model("none" if state else cfg.pretrained, cfg.freeze)
-    if state is None:
-        for w in caught:
-            say(f"warning: {w.message}")
-    else:
-        model.load_state_dict(state["model"])
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    if layout.ignored:
+        say(f"{layout.ignored} non-image files in the class folders ignored")
+    for w in caught if state is None else []:
+        say(f"warning: {w.message}")
 
     threads = max(cfg.workers, available_cpus())
     train = decode(layout.splits["train"], lambda im: shrink_for_augmentation(
@@ -299,7 +301,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
         best_metrics, start = dict(state["best_metrics"]), state["epoch"] + 1
     _write_history(out / "history.csv", history)
 
-    views = TrainViews(train.arrays, train.targets, TrainPreset(params), cfg.seed)
+    preset = TrainPreset(params, scale=(cfg.crop_scale, 1.0))
+    views = TrainViews(train.arrays, train.targets, preset, cfg.seed)
     val_x, val_y = torch.from_numpy(np.stack(val.arrays)), val.targets
     if cfg.uses_feature_cache:
         t0 = time.perf_counter()

@@ -41,8 +41,15 @@ def build_model(pretrained: str = "none", freeze: str = "none") -> nn.Module:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise WeightsError(f"{path}: not a loadable state dict ({e})") from e
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path}: holds a {type(state).__name__}, not a resnet18 state "
+                               "dict (a mapping of parameter names to tensors)")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # right names, wrong shapes: another architecture
+            detail = str(e).splitlines()[-1].strip()
+            raise WeightsError(f"{path}: not a resnet18 state dict ({detail})") from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise WeightsError(f"{path}: not a resnet18 state dict (missing {missing[:3]}, "

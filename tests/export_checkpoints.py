@@ -1,0 +1,43 @@
+"""Training checkpoints in the `fxscore train` format, and real-image slices, for the export tests.
+
+`write_checkpoint` saves what the train helper's checkpoints hold (see the shared checkpoint
+format) around a randomly initialised fxscore ResNet18, so the export tests need no training
+run; the end-to-end test in test_export_cli.py uses the real `fxscore train`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fxscore.contract import Preprocess
+from fxscore.train.model import build_model
+
+CLASSES = ["fractured", "not fractured"]
+
+
+def write_checkpoint(path: Path, *, input_size: int = 64, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    net = build_model("none")
+    metrics = {"train_loss": 0.69, "val_loss": 0.68, "val_accuracy": 0.55, "val_auc": 0.6}
+    ckpt = {"model": net.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 4,
+            "best_epoch": 3, "config": {"image_size": input_size, "lr": 1e-3, "seed": seed},
+            "class_names": list(CLASSES), "positive_class": "fractured",
+            "preprocess": Preprocess(input_size=(input_size, input_size)).to_dict(),
+            "metrics": {**metrics, "val_auc": float("nan")}, "best_metrics": metrics,
+            "data_fingerprint": "0" * 64,
+            "versions": {"torch": str(torch.__version__), "fxscore": "0.1.0"}}
+    torch.save(ckpt, path)
+    return path
+
+
+def link_slice(src_root: Path, dest: Path, per_class: int, split: str = "val") -> Path:
+    """dest/<class>/: symlinks to the first `per_class` files of src_root/<split>/<class>/."""
+    for cls in CLASSES:
+        out = dest / cls
+        out.mkdir(parents=True, exist_ok=True)
+        files = sorted(p for p in (src_root / split / cls).iterdir() if p.is_file())
+        for f in files[:per_class]:
+            os.symlink(f.resolve(), out / f.name)
+    return dest
