@@ -127,6 +127,10 @@ def _export(checkpoint: str | os.PathLike, opts: ExportOptions,
         if opts.int8 and report["int8"]["written"]:
             publish(tmp8, int8_path(out))
             report["written"].append(str(int8_path(out)))
+        elif int8_path(out).exists():
+            # Made from the model.onnx just replaced: beside the new one it would be a lie.
+            int8_path(out).unlink()
+            report["removed"] = [str(int8_path(out))]
         report["ok"] = refusal is None or opts.force
         report["written"].append(str(report_path(out)))
         write_json(report_path(out), report)

@@ -247,7 +247,9 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
         readable = [s for s in contents if cache[s][0] is not None]
         thumbs = (np.stack([cache[s][0] for s in readable]) if readable
                   else np.zeros((0, fp.THUMB, fp.THUMB), np.uint8))
-        near = fp.near_duplicate_groups(thumbs, executor=pool if workers > 1 else None,
+        aspects = [cache[s][1].get("height", 1) / max(1, cache[s][1].get("width", 1))
+                   for s in readable]
+        near = fp.near_duplicate_groups(thumbs, aspects, executor=pool if workers > 1 else None,
                                         progress=progress)
     t_group = time.perf_counter()
     # content -> root content; unreadable contents are groups of their own (exact copies only)

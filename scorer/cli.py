@@ -509,6 +509,10 @@ def _stderr_bars():
 @click.option("--cache-views", default=5, show_default=True, type=click.IntRange(0),
               help="with --freeze backbone: augmented views per image whose features are "
                    "computed once (0: run the backbone every epoch)")
+@click.option("--crop-scale", default=0.08, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="smallest area fraction RandomResizedCrop keeps (torchvision's 0.08 can cut "
+                   "the fracture out of the view; 0.3-0.5 is gentler)")
 @click.option("--limit-per-class", type=click.IntRange(1), default=None,
               help="use at most N files per class and split (quick trials)")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,
@@ -545,7 +549,7 @@ def train(data_dir: str, out: str, resume: bool, quiet: bool, **options) -> None
     """
     from pathlib import Path
 
-    require_torch_stage("train")
+    require_torch_stage("train.engine")  # the torch-needing part: a friendly error without it
     from .train.config import TrainConfig, read_config, resumed_config
     from .train.data import DataError
     from .train.engine import RunError, fit
@@ -604,7 +608,7 @@ def train(data_dir: str, out: str, resume: bool, quiet: bool, **options) -> None
               help="[default: ckpt-<sha256 prefix of CHECKPOINT>]")
 # 18..20: what the exporter reaches and IR 9 allows (fxscore.export.onnx_export.OPSETS).
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True,
-              help="ONNX opset (18 runs on onnxruntime >= 1.17)")
+              help="ONNX opset (each runs on onnxruntime >= 1.17)")
 @click.option("--force", is_flag=True,
               help="write the int8 model even if its ROC-AUC drops by more than 0.01")
 @click.option("--threads", type=click.IntRange(1), default=None,
@@ -624,12 +628,12 @@ def export(checkpoint: str, out: str, verify: str | None, int8: bool, calibratio
     max |d logit| and max |d probability| must stay within 1e-4.
 
     \b
-    Files written (only when every check passes; an interrupted or failed export leaves no
-    model file behind and an older one untouched):
-      OUT                   the fp32 model (ONNX opset 18, IR 9: onnxruntime >= 1.17)
-      OUT.int8.onnx         with --int8, e.g. model.int8.onnx for --out model.onnx
-      OUT.export.json       the parity (and int8) report, e.g. model.export.json;
-                            also written when a check fails
+    Files written, e.g. for --out model.onnx (only when every check passes; a failed or
+    interrupted export leaves no model file behind, and an older one untouched):
+      model.onnx          the fp32 model (ONNX opset 18, IR 9: onnxruntime >= 1.17)
+      model.int8.onnx     with --int8, if it passes the ROC-AUC check (or with --force);
+                          an older one is removed, as it was made from the old model.onnx
+      model.export.json   the parity and int8 report; written also when a check fails
 
     With --int8 the fp32 model is quantised statically (weights int8 per channel, activations
     uint8) on --calibration images, then both are scored on labelled images (--int8-eval, or
@@ -703,6 +707,8 @@ def _echo_export_report(report: dict) -> None:
                        "forced.", err=True)
     for path in report.get("written", []):
         click.echo(f"wrote {path}")
+    for path in report.get("removed", []):
+        click.echo(f"removed {path}: it was made from the model just replaced", err=True)
 
 
 if __name__ == "__main__":  # python -m fxscore.cli (used by tests that kill a real run)

@@ -24,6 +24,7 @@ Files are hard-linked (no extra disk), copied where linking fails (another file 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -145,8 +146,8 @@ def _name(placements: list[Placement]) -> None:
         if not dot or not stem:
             stem, suffix = name, ""
         suffix = "." + suffix if suffix else ""
-        candidates = [name, f"{stem}__{p.sha256[:8]}{suffix}"]
-        candidates += (f"{stem}__{p.sha256[:8]}_{k}{suffix}" for k in range(2, 10 ** 6))
+        candidates = itertools.chain([name, f"{stem}__{p.sha256[:8]}{suffix}"],
+                                     (f"{stem}__{p.sha256[:8]}_{k}{suffix}" for k in itertools.count(2)))
         for candidate in candidates:
             path = f"{folder}/{candidate}"
             if path.lower() not in taken:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from fxscore.contract import Preprocess
@@ -41,3 +42,25 @@ def link_slice(src_root: Path, dest: Path, per_class: int, split: str = "val") -
         for f in files[:per_class]:
             os.symlink(f.resolve(), out / f.name)
     return dest
+
+
+_SHARED: dict[str, tuple[Path, Path]] = {}
+
+
+@pytest.fixture(scope="session")
+def exported_files(tmp_path_factory) -> tuple[Path, Path]:
+    """(best.pt, model.onnx): one random-init checkpoint (64 px) exported once per session.
+
+    Test modules import this fixture; pytest then runs it once per module, so the files are
+    memoised here and torch's exporter (several seconds) runs once for all of them.
+    """
+    if "files" not in _SHARED:
+        from fxscore.export.onnx_export import build_meta, load_checkpoint, to_onnx
+
+        folder = tmp_path_factory.mktemp("exported")
+        ckpt_path = write_checkpoint(folder / "best.pt", input_size=64)
+        model, ckpt = load_checkpoint(ckpt_path)
+        onnx_path = folder / "model.onnx"
+        onnx_path.write_bytes(to_onnx(model, build_meta(ckpt)).SerializeToString())
+        _SHARED["files"] = (ckpt_path, onnx_path)
+    return _SHARED["files"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.torch
 import numpy as np  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from conftest import SAMPLE_DATA  # noqa: E402
-from export_checkpoints import link_slice, write_checkpoint  # noqa: E402
+from export_checkpoints import exported_files, link_slice  # noqa: E402,F401
 
 from fxscore.cli import cli  # noqa: E402
 from fxscore.contract import Preprocess  # noqa: E402
@@ -34,8 +35,8 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", input_size=64)
+def checkpoint(exported_files):
+    return exported_files[0]
 
 
 def test_export_with_verify_and_forced_int8(checkpoint, tmp_path, monkeypatch):
@@ -96,6 +97,27 @@ def test_usage_errors(checkpoint, tmp_path, monkeypatch, args, code, message):
 def test_missing_checkpoint(tmp_path):
     r = invoke("export", tmp_path / "best.pt", "--out", tmp_path / "m.onnx")
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_sigterm_mid_export_leaves_no_model(checkpoint, tmp_path):
+    """A real process killed (SIGTERM, as a batch system does) while its model is on disk
+    but not yet checked: it removes the temporary and exits 143."""
+    proc = subprocess.Popen([sys.executable, "-m", "fxscore.cli", "export", str(checkpoint),
+                             "--out", str(tmp_path / "model.onnx"), "--verify",
+                             str(SAMPLE_DATA / "val")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("export: parity on random tensors"):
+                partial = [p.name for p in tmp_path.iterdir()]
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert len(partial) == 1 and partial[0].endswith(".partial")  # the model, being checked
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- end to end ------------------------------------------------------------------------------

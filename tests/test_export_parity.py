@@ -12,24 +12,21 @@ pytestmark = pytest.mark.torch
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from conftest import SAMPLE_DATA  # noqa: E402
-from export_checkpoints import link_slice, write_checkpoint  # noqa: E402
+from export_checkpoints import exported_files, link_slice  # noqa: E402,F401
 from onnx import numpy_helper  # noqa: E402
 
 from fxscore.export import parity  # noqa: E402
-from fxscore.export.onnx_export import build_meta, load_checkpoint, to_onnx  # noqa: E402
+from fxscore.export.onnx_export import load_checkpoint  # noqa: E402
 from fxscore.files import find_images  # noqa: E402
 from fxscore.model import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parity")
-    model, ckpt = load_checkpoint(write_checkpoint(folder / "best.pt", input_size=64))
-    meta = build_meta(ckpt)
-    proto = to_onnx(model, meta)
-    path = folder / "model.onnx"
-    path.write_bytes(proto.SerializeToString())
-    return model, proto, load_model(path), parity.logit_session(proto)
+def exported(exported_files):
+    """(torch model, ONNX graph, the scorer's Model of it, the logit session)."""
+    ckpt_path, path = exported_files
+    proto = onnx.load(str(path))
+    return load_checkpoint(ckpt_path)[0], proto, load_model(path), parity.logit_session(proto)
 
 
 @pytest.fixture(scope="module")

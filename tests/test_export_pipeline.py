@@ -16,20 +16,18 @@ pytestmark = pytest.mark.torch
 
 import onnx  # noqa: E402
 from conftest import SAMPLE_DATA  # noqa: E402
-from export_checkpoints import link_slice, write_checkpoint  # noqa: E402
+from export_checkpoints import exported_files, link_slice  # noqa: E402,F401
 from onnx import numpy_helper  # noqa: E402
 
 from fxscore.export import pipeline, quantize  # noqa: E402
-from fxscore.export.onnx_export import (ExportError, build_meta, load_checkpoint,  # noqa: E402
-                                        set_metadata, to_onnx)
+from fxscore.export.onnx_export import ExportError, set_metadata  # noqa: E402
 from fxscore.model import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", input_size=64)
-    model, ckpt = load_checkpoint(path)
-    return path, to_onnx(model, build_meta(ckpt))
+def checkpoint(exported_files):
+    """(best.pt, the graph torch's exporter made of it)."""
+    return exported_files[0], onnx.load(str(exported_files[1]))
 
 
 @pytest.fixture
@@ -56,31 +54,37 @@ def graph(checkpoint, monkeypatch):
     return Graph()
 
 
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """6 images per class of sample_data/val: enough for ROC-AUC, quick to score."""
+    return link_slice(SAMPLE_DATA, tmp_path_factory.mktemp("labelled"), per_class=6)
+
+
 def names(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_writes_model_and_report(checkpoint, graph, tmp_path):
+def test_writes_model_and_report(checkpoint, graph, labelled, tmp_path):
     out = tmp_path / "model.onnx"
     report = pipeline.export(checkpoint[0], pipeline.ExportOptions(
-        out=out, verify=SAMPLE_DATA / "val", threshold=0.4))
+        out=out, verify=labelled, threshold=0.4))
     assert names(tmp_path) == ["model.export.json", "model.onnx"]
     saved = json.loads((tmp_path / "model.export.json").read_text())
     assert saved["ok"] is True and report["ok"] is True
-    assert saved["parity"]["files"]["n"] == 40
+    assert saved["parity"]["files"]["n"] == 12
     assert saved["parity"]["files"]["max_abs_prob"] < 1e-4
     assert [r["batch"] for r in saved["parity"]["random"]] == [1, 5]
     assert saved["written"] == [str(out), str(tmp_path / "model.export.json")]
     assert load_model(out).meta.threshold == 0.4
 
 
-def test_parity_failure_writes_no_model_and_keeps_the_old_one(checkpoint, graph, tmp_path):
+def test_parity_failure_writes_no_model_and_keeps_the_old_one(checkpoint, graph, labelled,
+                                                              tmp_path):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the model in service")
     graph.nudge(0.01)
     with pytest.raises(pipeline.ExportFailed, match="does not compute what the checkpoint") as e:
-        pipeline.export(checkpoint[0], pipeline.ExportOptions(out=out,
-                                                              verify=SAMPLE_DATA / "val"))
+        pipeline.export(checkpoint[0], pipeline.ExportOptions(out=out, verify=labelled))
     assert out.read_bytes() == b"the model in service"
     assert names(tmp_path) == ["model.export.json", "model.onnx"]  # no temporaries left
     saved = json.loads((tmp_path / "model.export.json").read_text())
@@ -106,14 +110,9 @@ def test_interrupt_midway_leaves_no_model(checkpoint, graph, tmp_path, monkeypat
     assert names(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """6 images per class of sample_data/val: enough for ROC-AUC, quick to score."""
-    return link_slice(SAMPLE_DATA, tmp_path_factory.mktemp("labelled"), per_class=6)
-
-
 def test_int8_refused_then_forced(checkpoint, graph, labelled, tmp_path):
     out = tmp_path / "model.onnx"
+    (tmp_path / "model.int8.onnx").write_bytes(b"made from an older model.onnx")
     opts = pipeline.ExportOptions(out=out, verify=labelled, int8=True,
                                   calibration=SAMPLE_DATA / "train", calibration_images=16,
                                   auc_drop_limit=-1.0)
@@ -123,6 +122,7 @@ def test_int8_refused_then_forced(checkpoint, graph, labelled, tmp_path):
     saved = json.loads((tmp_path / "model.export.json").read_text())
     assert saved["ok"] is False and saved["int8"]["written"] is False
     assert "ROC-AUC drops" in saved["int8"]["problem"]
+    assert saved["removed"] == [str(tmp_path / "model.int8.onnx")]  # the stale one is gone
 
     report = pipeline.export(checkpoint[0], dataclasses.replace(opts, force=True))
     assert names(tmp_path) == ["model.export.json", "model.int8.onnx", "model.onnx"]

@@ -11,26 +11,24 @@ pytestmark = pytest.mark.torch
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from conftest import SAMPLE_DATA  # noqa: E402
-from export_checkpoints import write_checkpoint  # noqa: E402
+from export_checkpoints import exported_files  # noqa: E402,F401
 from onnx import numpy_helper  # noqa: E402
 
 from fxscore.evaluate import items_from_folders  # noqa: E402
 from fxscore.export import quantize  # noqa: E402
-from fxscore.export.onnx_export import (IR_VERSION, build_meta, load_checkpoint,  # noqa: E402
-                                        to_onnx, verify_file)
+from fxscore.export.onnx_export import IR_VERSION, verify_file  # noqa: E402
 from fxscore.files import find_images  # noqa: E402
+from fxscore.model import load_model  # noqa: E402
 
 CALIBRATION = sorted(f for _, f in find_images(SAMPLE_DATA / "train"))
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(exported_files, tmp_path_factory):
     """(fp32 Model, int8 Model, int8 path, quantize() result), calibrated on 24 sample images."""
     folder = tmp_path_factory.mktemp("int8")
-    model, ckpt = load_checkpoint(write_checkpoint(folder / "best.pt", input_size=64))
-    meta = build_meta(ckpt)
-    fp32 = folder / "model.onnx"
-    fp32.write_bytes(to_onnx(model, meta).SerializeToString())
+    fp32 = exported_files[1]
+    meta = load_model(fp32).meta
     meta8 = dataclasses.replace(meta, model_version=meta.model_version + "-int8")
     int8 = folder / "model.int8.onnx"
     done = quantize.quantize(fp32, int8, quantize.pick_calibration(CALIBRATION, limit=24), meta8)

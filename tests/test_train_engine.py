@@ -43,13 +43,17 @@ def same_history(a: list[dict], b: list[dict]) -> None:
 
 
 def test_learns_from_random_init_on_sample_data(tmp_path):
-    """Full fine-tuning from scratch on the synthetic phantoms: far better than chance."""
+    """Full fine-tuning from scratch on the synthetic phantoms: far better than chance.
+
+    crop_scale 0.5: torchvision's 0.08 often crops the fracture out of a 64 px view, which is
+    label noise that 8 epochs of 120 images cannot average away.
+    """
     result = fit(config(tmp_path / "run", freeze="none", image_size=64, limit_per_class=None,
-                        epochs=10, batch_size=16, patience=0, crop_scale=0.5))
+                        epochs=8, batch_size=16, patience=0, crop_scale=0.5))
     first, best = result.history[0], result.best_metrics
-    assert best["val_loss"] < first["val_loss"] - 0.05
-    assert best["val_auc"] >= 0.8
-    assert result.test_metrics["test_auc"] >= 0.75
+    assert best["val_loss"] < first["val_loss"] - 0.3
+    assert best["val_auc"] >= 0.75
+    assert result.test_metrics["test_auc"] >= 0.7
 
 
 def test_run_folder_and_checkpoint_format(tmp_path):
@@ -184,13 +188,17 @@ def test_pos_weight():
 
 
 def test_refusals(tmp_path):
-    fit(config(tmp_path / "run", epochs=1))
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data, ignore=shutil.ignore_patterns("extras"))
+    fit(config(tmp_path / "run", data=str(data), epochs=1))
     with pytest.raises(RunError, match="already holds a run.*--resume"):
-        fit(config(tmp_path / "run", epochs=1))
+        fit(config(tmp_path / "run", data=str(data), epochs=1))
     with pytest.raises(RunError, match="cannot change --lr 0.001 -> 0.1"):
-        fit(config(tmp_path / "run", epochs=2, lr=0.1), resume=True)
+        fit(config(tmp_path / "run", data=str(data), epochs=2, lr=0.1), resume=True)
+    for p in (data / "val" / "fractured").iterdir():
+        p.write_bytes(p.read_bytes() + b"\0")  # still readable, no longer the same data
     with pytest.raises(RunError, match="differs from the data"):
-        fit(config(tmp_path / "run", epochs=2, limit_per_class=9), resume=True)
+        fit(config(tmp_path / "run", data=str(data), epochs=2), resume=True)
     with pytest.raises(RunError, match="nothing to resume"):
         fit(config(tmp_path / "new"), resume=True)
     if not torch.cuda.is_available():

