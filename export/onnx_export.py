@@ -10,6 +10,7 @@ debug annotations, the one IR-10 feature it uses.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import platform
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,9 @@ def to_onnx(model: ProbabilityModel, meta: ModelMeta, *, opset: int = OPSET) -> 
     """Export `model` (input meta.input_name, float32 NCHW, dynamic batch -> [N] probabilities)."""
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {OPSETS}")
+    if importlib.util.find_spec("onnxscript") is None:  # torch does not depend on it
+        raise ExportError('torch\'s ONNX exporter needs onnxscript: pip install "fxscore[train]" '
+                          "(or pip install onnxscript)")
     h, w = meta.preprocess.input_size
     example = torch.zeros(2, 3, h, w)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)

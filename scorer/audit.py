@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -80,6 +80,7 @@ class Audit:
     conflicts: list[dict[str, Any]]  # groups whose files carry different labels
     shortcuts: list[dict[str, Any]]  # per feature: per-class counts, AUC, warnings
     stats: dict[str, Any] = field(default_factory=dict)
+    thumbs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # sha256 -> thumbnail
 
     @property
     def unreadable(self) -> list[FileRecord]:
@@ -94,8 +95,7 @@ class Audit:
         return [w for s in self.shortcuts for w in s["warnings"]]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("files")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("files", "thumbs")}
         d["unreadable"] = [{"path": f.path, "error": f.error} for f in self.unreadable]
         return d
 
@@ -194,11 +194,17 @@ def _is_colour(im) -> bool:
 
 
 def analyse_file(path: str) -> tuple[np.ndarray | None, dict[str, Any], str]:
-    """One distinct content -> (thumbnail or None, facts, error message or "")."""
+    """One distinct content -> (thumbnail or None, facts, why it cannot be read or "").
+
+    The reason leaves out the path: the same content may sit under many names.
+    """
     try:
         img = read_image(path)
     except ImageReadError as e:
-        return None, _facts(path, None), str(e)
+        reason = str(e)
+        if reason.startswith(f"{path}: "):
+            reason = reason[len(path) + 2:]
+        return None, _facts(path, None), reason
     return fp.thumbnail(img), _facts(path, img), ""
 
 
@@ -256,10 +262,10 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
     root_of = {s: s for s in contents}
     for k, s in enumerate(readable):
         root_of[s] = readable[int(near.labels[k])]
-    for f in files:
+    for f, p in zip(files, paths):
         if f.sha256:
             thumb, facts, err = cache[f.sha256]
-            f.error = f.error or err
+            f.error = f.error or (f"{p}: {err}" if err else "")
             for key, value in facts.items():
                 setattr(f, key, value)
     _number_groups(files, root_of)
@@ -268,7 +274,7 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
         splits=sorted({f.split for f in files}, key=lambda s: (split_rank(s), s)),
         classes=sorted({f.label for f in files if f.label}),
         files=files, groups=_groups(files), leaks=_leaks(files), conflicts=[],
-        shortcuts=shortcut_check(files))
+        shortcuts=shortcut_check(files), thumbs={s: cache[s][0] for s in readable})
     audit.conflicts = [g for g in audit.groups if g["conflict"]]
     dup_files = sum(g["files"] for g in audit.groups)
     audit.stats = {

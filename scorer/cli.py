@@ -417,7 +417,8 @@ def split(data: str, out_dir: str, val: float, test: float, seed: int, keep_dupl
         raise click.UsageError(str(e)) from None
     result = _run_audit(data, no_labels, workers, quiet)
     try:
-        plan = plan_split(result, config)
+        plan = plan_split(result, config, workers=workers,
+                          progress=None if quiet else _stderr_bars())
         summary = write_split(plan, data, out_dir)
     except (SplitError, OSError) as e:
         raise click.ClickException(str(e)) from None

@@ -20,6 +20,7 @@ Both thresholds were calibrated on the real data set (see tests/test_fingerprint
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -143,13 +144,17 @@ PAIR = np.dtype([("i", np.int64), ("j", np.int64), ("sim", np.float32)])
 
 
 def candidate_pairs(desc: np.ndarray, min_sim: float = CANDIDATE_SIM,
-                    max_neighbours: int = MAX_NEIGHBOURS) -> np.ndarray:
+                    max_neighbours: int = MAX_NEIGHBOURS, part: np.ndarray | None = None,
+                    ) -> np.ndarray:
     """(N, 8, D) descriptors -> pairs (i < j, sim) to verify, most similar first.
 
     Each image keeps its `max_neighbours` most similar partners (in any orientation) above
     `min_sim`. Low frequencies alone cannot tell two wrists apart, so a plain threshold would
     pass a large share of all pairs; copies rank first, and a group of copies stays connected
     because every member keeps its closest ones. Blocked matrix products bound the memory.
+
+    part: only partners from another part (split): the pairs that could make a leak. Each
+    image's best partners elsewhere include every such pair among its best partners overall.
     """
     n = len(desc)
     if n < 2:
@@ -163,6 +168,8 @@ def candidate_pairs(desc: np.ndarray, min_sim: float = CANDIDATE_SIM,
         sims = (q[start:start + block] @ everything.T).reshape(-1, n, 8).max(axis=2)
         rows = np.arange(start, start + len(sims))
         sims[np.arange(len(sims)), rows] = -np.inf  # an image is not its own copy
+        if part is not None:
+            sims[part[rows][:, None] == part[None, :]] = -np.inf
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         top_sim = np.take_along_axis(sims, top, axis=1)
         keep = top_sim >= min_sim
@@ -197,25 +204,32 @@ def _warps(x: np.ndarray, params: Iterable[tuple[float, float, float, float]]) -
     angle, sx, sy, q = (np.radians(p[:, 0]), p[:, 1], p[:, 2], p[:, 3])
     cos, sin = np.cos(angle), np.sin(angle)
     # the inverse map, output -> input: D R(-angle) D^-1 diag(1/sx, 1/sy)
-    m = np.stack([cos / sx, sin * q / sy, -sin / (q * sx), cos / sy], axis=1)[:, :, None, None]
+    m = np.stack([cos / sx, sin * q / sy, -sin / (q * sx), cos / sy], axis=1)
+    m = m.astype(np.float32)[:, :, None, None]
     n = x.shape[0]
     c = (n - 1) / 2
-    yy, xx = np.mgrid[:n, :n].astype(np.float64) - c
-    src_x = m[:, 0] * xx + m[:, 1] * yy + c + 1  # + 1: into the zero-padded image
-    src_y = m[:, 2] * xx + m[:, 3] * yy + c + 1
-    x0 = np.floor(src_x)
-    y0 = np.floor(src_y)
-    wx = (src_x - x0).astype(np.float32)
-    wy = (src_y - y0).astype(np.float32)
+    yy, xx = _centred_grid(n)
+    src_x = m[:, 0] * xx + m[:, 1] * yy + (c + 1)  # + 1: into the zero-padded image
+    src_y = m[:, 2] * xx + m[:, 3] * yy + (c + 1)
     # clipping into the zero border makes every sample outside the image read zero
-    x0 = np.clip(x0, 0, n + 1).astype(np.intp)
-    y0 = np.clip(y0, 0, n + 1).astype(np.intp)
-    x1 = np.minimum(x0 + 1, n + 1)
-    y1 = np.minimum(y0 + 1, n + 1)
-    padded = np.pad(x.astype(np.float32), 1)
-    top = padded[y0, x0] * (1 - wx) + padded[y0, x1] * wx
-    bottom = padded[y1, x0] * (1 - wx) + padded[y1, x1] * wx
-    return top * (1 - wy) + bottom * wy
+    np.clip(src_x, 0, n + 1, out=src_x)
+    np.clip(src_y, 0, n + 1, out=src_y)
+    x0 = src_x.astype(np.intp)  # floor: non-negative after clipping
+    y0 = src_y.astype(np.intp)
+    wx = src_x - x0
+    wy = src_y - y0
+    w = n + 3  # padded width: one zero column before, two after, so +1 and +w stay inside
+    flat = np.pad(x.astype(np.float32), ((1, 2), (1, 2))).ravel()
+    i = y0 * w + x0
+    top = flat[i] + wx * (flat[i + 1] - flat[i])
+    bottom = flat[i + w] + wx * (flat[i + w + 1] - flat[i + w])
+    return top + wy * (bottom - top)
+
+
+@functools.lru_cache(maxsize=8)
+def _centred_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:n, :n].astype(np.float32) - np.float32((n - 1) / 2)
+    return yy, xx
 
 
 def _best_ncc(images: np.ndarray, template: np.ndarray) -> np.ndarray:
@@ -396,7 +410,7 @@ def near_duplicate_groups(thumbs: np.ndarray, aspects: np.ndarray | None = None,
         if not batch:
             continue
         chosen = pairs[batch]
-        scores = _verify(thumbs, aspects, desc, chosen, executor)
+        scores = verify_pairs(thumbs, aspects, desc, chosen, executor)
         checked += len(chosen)
         for (i, j, sim), score in zip(chosen.tolist(), scores.tolist()):
             if score >= min_score:
@@ -407,8 +421,9 @@ def near_duplicate_groups(thumbs: np.ndarray, aspects: np.ndarray | None = None,
     return NearGroups(uf.labels(), links, checked)
 
 
-def _verify(thumbs: np.ndarray, aspects: np.ndarray, desc: np.ndarray, batch: np.ndarray,
-            executor) -> np.ndarray:
+def verify_pairs(thumbs: np.ndarray, aspects: np.ndarray, desc: np.ndarray, batch: np.ndarray,
+                 executor=None) -> np.ndarray:
+    """`match` scores of the pairs (i, j) in batch, in parallel when an executor is given."""
     i, j = batch["i"], batch["j"]
     args = (thumbs[i], thumbs[j], np.einsum("pod,pd->po", desc[j], desc[i, 0]), aspects[i],
             aspects[j])

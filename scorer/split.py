@@ -29,13 +29,15 @@ import json
 import os
 import shutil
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .audit import Audit, FileRecord, split_rank
+from . import fingerprint as fp
+from .audit import Audit, FileRecord, Progress, default_workers, split_rank
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "split", "class", "group", "sha256", "source")
@@ -76,8 +78,16 @@ class SplitPlan:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> files
 
 
-def plan_split(audit: Audit, config: SplitConfig) -> SplitPlan:
-    """Decide where every file goes (or why it does not), deterministically for a seed."""
+def plan_split(audit: Audit, config: SplitConfig, *, workers: int | None = None,
+               progress: Progress | None = None) -> SplitPlan:
+    """Decide where every file goes (or why it does not), deterministically for a seed.
+
+    Then check the plan the way `fxscore audit` will check its output: every image against its
+    closest images in the other splits. The audit of the whole data set joined copies through
+    each image's closest images overall; in the smaller split tree the closest ones differ, and
+    a copy the first grouping missed would surface as a leak. Groups so joined are merged and
+    the split is planned again, until no pair across splits verifies.
+    """
     excluded: list[dict[str, Any]] = []
     conflicted = {g["group"]: g["labels"] for g in audit.conflicts}
     members: dict[int, list[FileRecord]] = defaultdict(list)
@@ -85,8 +95,8 @@ def plan_split(audit: Audit, config: SplitConfig) -> SplitPlan:
         if f.error:
             excluded.append(_excluded(f, f"unreadable: {f.error}"))
         elif f.group in conflicted:
-            labels = ", ".join(f"{k} ({v})" for k, v in conflicted[f.group].items())
-            excluded.append(_excluded(f, f"label conflict in group {f.group}: {labels}"))
+            excluded.append(_excluded(f, f"label conflict in group {f.group}: "
+                                         + _labels(conflicted[f.group])))
         else:
             members[f.group].append(f)
     if not members:
@@ -102,6 +112,28 @@ def plan_split(audit: Audit, config: SplitConfig) -> SplitPlan:
                     kept[f.sha256] = f.path
             members[gid] = [f for f in fs if kept[f.sha256] == f.path]
 
+    checker = _LeakCheck(audit, workers, progress)
+    with checker:
+        while True:
+            placements = _assign(members, config)
+            links = checker.links(placements)
+            if not links:
+                break
+            _merge(members, links, excluded)
+    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    for p in placements:
+        counts[p.split][p.label] = counts[p.split].get(p.label, 0) + 1
+    excluded.sort(key=lambda e: e["source"])
+    return SplitPlan(config, placements, excluded, counts)
+
+
+def _labels(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in sorted(counts.items()))
+
+
+def _assign(members: dict[int, list[FileRecord]], config: SplitConfig) -> list[Placement]:
+    """Per class: groups shuffled by the seed, largest first, each into the split furthest
+    below its share of that class's files."""
     rng = np.random.default_rng(config.seed)
     share = {"train": 1 - config.val - config.test, "val": config.val, "test": config.test}
     split_of: dict[int, str] = {}
@@ -119,15 +151,91 @@ def plan_split(audit: Audit, config: SplitConfig) -> SplitPlan:
                          if share[s] > 0 else (-np.inf, 0))
             split_of[g] = target
             placed[target] += len(members[g])
-
     placements = [Placement(f.path, split_of[gid], f.label, gid, f.sha256)
                   for gid in sorted(members) for f in members[gid]]
     _name(placements)
-    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    for p in placements:
-        counts[p.split][p.label] = counts[p.split].get(p.label, 0) + 1
-    excluded.sort(key=lambda e: e["source"])
-    return SplitPlan(config, placements, excluded, counts)
+    return placements
+
+
+def _merge(members: dict[int, list[FileRecord]], links: list[tuple[int, int]],
+           excluded: list[dict[str, Any]]) -> None:
+    """Join linked groups (under the smaller id); a joined group with two labels is a
+    conflict and leaves the split."""
+    parent = {g: g for g in members}
+
+    def find(g: int) -> int:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for a, b in links:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    for gid in sorted(members):
+        root = find(gid)
+        if root != gid:
+            members[root].extend(members.pop(gid))
+    for gid in [g for g, fs in members.items() if len({f.label for f in fs}) > 1]:
+        fs = members.pop(gid)
+        labels = _labels(Counter(f.label for f in fs))
+        excluded.extend(_excluded(f, f"label conflict in group {gid} (joined by the split's "
+                                     f"leak check): {labels}") for f in fs)
+
+
+class _LeakCheck:
+    """Verifies, for a planned split, each image against its closest images in other splits;
+    remembers every score, so planning again only verifies new pairs."""
+
+    def __init__(self, audit: Audit, workers: int | None, progress: Progress | None) -> None:
+        self.thumbs = audit.thumbs
+        self.aspect = {f.sha256: f.height / f.width for f in audit.files
+                       if f.sha256 in audit.thumbs and f.width}
+        self.desc: dict[str, np.ndarray] = {}
+        self.scores: dict[tuple[str, str], float] = {}
+        self.workers = workers or default_workers()
+        self.progress = progress
+        self.pool = None
+
+    def __enter__(self) -> "_LeakCheck":
+        if self.workers > 1:
+            self.pool = ProcessPoolExecutor(self.workers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def links(self, placements: list[Placement]) -> list[tuple[int, int]]:
+        # contents in the order the audit of the written tree will meet them (sorted paths),
+        # so that each pair is verified the same way round as that audit will
+        group_of, split_of, order = {}, {}, []
+        for p in sorted(placements, key=lambda p: p.path):
+            if p.sha256 not in group_of:
+                order.append(p.sha256)
+                group_of[p.sha256], split_of[p.sha256] = p.group, SPLITS.index(p.split)
+        for sha in order:
+            if sha not in self.desc:
+                self.desc[sha] = fp.descriptors(self.thumbs[sha])
+        desc = np.stack([self.desc[s] for s in order])
+        pairs = fp.candidate_pairs(desc, part=np.array([split_of[s] for s in order]))
+        key = [(order[i], order[j]) for i, j in zip(pairs["i"].tolist(), pairs["j"].tolist())]
+        todo = [k for k, pair in enumerate(key) if pair not in self.scores]
+        for start in range(0, len(todo), 512):
+            chosen = pairs[todo[start:start + 512]]
+            idx = np.unique(np.concatenate([chosen["i"], chosen["j"]]))
+            local = {int(g): k for k, g in enumerate(idx)}
+            batch = chosen.copy()
+            batch["i"] = [local[int(i)] for i in chosen["i"]]
+            batch["j"] = [local[int(j)] for j in chosen["j"]]
+            scores = fp.verify_pairs(np.stack([self.thumbs[order[g]] for g in idx]),
+                                     np.array([self.aspect[order[g]] for g in idx]),
+                                     desc[idx], batch, self.pool)
+            for k, score in zip(todo[start:start + 512], scores.tolist()):
+                self.scores[key[k]] = score
+            if self.progress:
+                self.progress("leak check", min(start + 512, len(todo)), len(todo))
+        return [(group_of[a], group_of[b]) for a, b in key if self.scores[a, b] >= fp.MATCH_SCORE]
 
 
 def _excluded(f: FileRecord, reason: str) -> dict[str, Any]:

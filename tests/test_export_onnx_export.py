@@ -159,3 +159,14 @@ def test_unsupported_opset_is_refused_before_exporting(exported):
     model, _, meta, _ = exported
     with pytest.raises(ExportError, match="opset 17"):
         to_onnx(model, meta, opset=17)
+
+
+def test_missing_onnxscript_is_named_with_the_fix(exported, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    model, _, meta, _ = exported
+    with pytest.raises(ExportError, match=r'needs onnxscript: pip install "fxscore\[train\]"'):
+        to_onnx(model, meta)

@@ -131,3 +131,14 @@ def test_existing_run_and_offline_imagenet_exit_1(tmp_path, monkeypatch):
     result = invoke(SAMPLE, "--out", tmp_path / "imagenet", "--pretrained", "imagenet")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--pretrained PATH.pth" in result.output and "--pretrained none" in result.output
+
+
+def test_without_torch_the_error_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as without [train]
+    for name in [m for m in sys.modules if m.startswith("fxscore.train.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert invoke("--help").exit_code == 0
+    result = invoke(SAMPLE, "--out", tmp_path / "run", *QUICK)
+    assert result.exit_code == 1 and 'pip install "fxscore[train]"' in result.output

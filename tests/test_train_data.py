@@ -127,7 +127,7 @@ def test_decode_skips_and_reports_unreadable_files(data):
     assert len(out.samples) == len(out.arrays) == 40
     assert seen[-1] == ("decode", 43, 43)
     # The evaluation tensors are exactly the scorer's: read_image + preprocess, full resolution.
-    for s, a in zip(out.samples, out.arrays):
+    for s, a in zip(out.samples, out.arrays, strict=True):
         np.testing.assert_array_equal(a, preprocess(read_image(s.path), params))
     assert out.targets.tolist() == [s.target for s in out.samples]
 

@@ -37,7 +37,7 @@ def config(out: Path, **kw) -> TrainConfig:
 
 def same_history(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert {k: v for k, v in ra.items() if k != "seconds"} == \
             {k: v for k, v in rb.items() if k != "seconds"}
 
@@ -112,8 +112,11 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, freeze):
 
 
 def test_cached_features_train_like_the_naive_loop(tmp_path):
-    """One view, one epoch: the cache holds exactly the views the naive loop draws."""
-    naive = fit(config(tmp_path / "naive", cache_views=0, epochs=1))
+    """One view, one epoch: the cache holds exactly the views the naive loop draws.
+
+    The naive side augments in two DataLoader worker processes: views do not depend on them.
+    """
+    naive = fit(config(tmp_path / "naive", cache_views=0, epochs=1, workers=2))
     cached = fit(config(tmp_path / "cached", cache_views=1, epochs=1))
     for key in ("train_loss", "val_loss", "val_auc", "val_accuracy"):
         assert cached.history[0][key] == pytest.approx(naive.history[0][key], abs=1e-5)

@@ -139,7 +139,8 @@ def decode(samples: Sequence[Sample], transform: Callable[[np.ndarray], np.ndarr
 
     out = Decoded([], [], [])
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for i, (s, (array, error)) in enumerate(zip(samples, pool.map(one, samples)), 1):
+        results = zip(samples, pool.map(one, samples), strict=True)
+        for i, (s, (array, error)) in enumerate(results, 1):
             if error is None:
                 out.samples.append(s)
                 out.arrays.append(array)

@@ -232,10 +232,57 @@ def _open_run(cfg: TrainConfig, resume: bool) -> Optional[dict[str, Any]]:
     return state
 
 
+@dataclass
+class _Run:
+    """What every epoch's checkpoint repeats about the run."""
+
+    cfg: TrainConfig
+    class_names: list[str]
+    params: Preprocess
+    digest: str
+
+    def checkpoint(self, model, optimizer, scheduler, scaler, epoch: int, best_epoch: int,
+                   metrics: dict, best_metrics: dict, history: list[dict]) -> dict[str, Any]:
+        """The shared checkpoint format (see the notes for `fxscore export`), plus what resume
+        needs: history, global RNG states, the AMP scaler."""
+        return _cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else {},
+                     "epoch": epoch, "best_epoch": best_epoch, "config": self.cfg.to_dict(),
+                     "class_names": self.class_names, "positive_class": self.cfg.positive_class,
+                     "preprocess": self.params.to_dict(), "metrics": metrics,
+                     "best_metrics": best_metrics, "data_fingerprint": self.digest,
+                     "versions": versions(), "history": history, "rng": rng_state()})
+
+
+def _decode_splits(cfg: TrainConfig, layout, params: Preprocess, threads: int,
+                   progress: Optional[Progress], say: RunLog) -> tuple[Decoded, Decoded, list]:
+    """Decode train/ (shrunk, for augmentation) and val/ (the scorer's preprocessing) once."""
+    train = decode(layout.splits["train"], lambda im: shrink_for_augmentation(
+        im, params.input_size, params.resize), threads, progress, "decode train")
+    val = decode(layout.splits["val"], EvalPreset(params), threads, progress, "decode val")
+    unreadable = [(str(p), e) for p, e in train.failures + val.failures]
+    for _, reason in unreadable:
+        say(f"skipped unreadable file: {reason}")
+    for split, d in (("train", train), ("val", val)):
+        if len(torch.unique(d.targets)) < 2:
+            raise DataError(f"{layout.root / split}: after skipping {len(d.failures)} unreadable "
+                            f"files, not every class has a readable image")
+    say(f"train {len(train.samples)} images ({int(train.targets.sum())} {cfg.positive_class}), "
+        f"val {len(val.samples)} ({int(val.targets.sum())} {cfg.positive_class}); "
+        f"{len(unreadable)} unreadable skipped")
+    return train, val, unreadable
+
+
 def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str], None]] = None,
         progress: Optional[Progress] = None,
         on_epoch: Optional[Callable[[dict[str, float]], None]] = None) -> FitResult:
-    """Train as `cfg` says, writing the run folder; `resume` continues from last.pt."""
+    """Train as `cfg` says, writing the run folder; `resume` continues from last.pt.
+
+    log(line) hears every line of train.log; progress(stage, done, total) drives progress bars;
+    on_epoch(row) gets each history row (raising there interrupts the run, as Ctrl-C does).
+    """
+    t_start = time.perf_counter()
     # Everything that can refuse the run (folder, device, data layout, weights) comes before
     # anything is written, so a refused run leaves no half-made folder behind.
     state = _open_run(cfg, resume)
@@ -280,22 +327,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
         say(f"{layout.ignored} non-image files in the class folders ignored")
     for w in caught if state is None else []:
         say(f"warning: {w.message}")
-
     threads = max(cfg.workers, available_cpus())
-    train = decode(layout.splits["train"], lambda im: shrink_for_augmentation(
-        im, params.input_size, params.resize), threads, progress, "decode train")
-    val = decode(layout.splits["val"], EvalPreset(params), threads, progress, "decode val")
-    unreadable = [(str(p), e) for p, e in train.failures + val.failures]
-    for _, reason in unreadable:
-        say(f"skipped unreadable file: {reason}")
-    for split, d in (("train", train), ("val", val)):
-        if len(torch.unique(d.targets)) < 2:
-            raise DataError(f"{layout.root / split}: after skipping {len(d.failures)} unreadable "
-                            f"files, not every class has a readable image")
-    n_pos = int(train.targets.sum())
-    say(f"train {len(train.samples)} images ({n_pos} {cfg.positive_class}), "
-        f"val {len(val.samples)} ({int(val.targets.sum())} {cfg.positive_class}); "
-        f"{len(unreadable)} unreadable skipped")
+    train, val, unreadable = _decode_splits(cfg, layout, params, threads, progress, say)
 
     criterion, pos_weight = make_criterion(cfg.pos_weight, train.targets)
     criterion.to(device)
@@ -317,8 +350,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
         best_metrics, start = dict(state["best_metrics"]), state["epoch"] + 1
     _write_history(out / "history.csv", history)
 
-    preset = TrainPreset(params, scale=(cfg.crop_scale, 1.0))
-    views = TrainViews(train.arrays, train.targets, preset, cfg.seed)
+    views = TrainViews(train.arrays, train.targets, TrainPreset(params, (cfg.crop_scale, 1.0)),
+                       cfg.seed)
     val_x, val_y = torch.from_numpy(np.stack(val.arrays)), val.targets
     if cfg.uses_feature_cache:
         t0 = time.perf_counter()
@@ -326,7 +359,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
                            amp, channels_last,
                            progress and (lambda d, n: progress("feature cache", d, n)))
         val_x = extract(backbone(model), tensor_batches(val_x, val_y, cfg.batch_size), device,
-                        amp, channels_last)
+                        amp, channels_last)  # the head sees val features, not images
         say(f"feature cache: {cfg.cache_views} views x {len(views)} train images + "
             f"{len(val_y)} val images in {time.perf_counter() - t0:.1f}s")
         net = model.fc
@@ -341,16 +374,17 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
         set_rng_state(state["rng"])  # after the cache, exactly where the interrupted run stood
         say(f"resumed after epoch {state['epoch']} (best epoch {best_epoch})")
 
-    t_run, epochs_here = time.perf_counter(), 0
-    bad = (start - 1) - best_epoch
+    run = _Run(cfg, list(layout.class_names), params, digest)
+    bad = (start - 1) - best_epoch  # epochs since the best one
     stop = f"reached --epochs {cfg.epochs}"
     if cfg.patience and history and bad >= cfg.patience:
         stop = f"early stopping: val loss has not improved for {cfg.patience} epochs"
         start = cfg.epochs + 1  # the run had already stopped; nothing left to do
+    epoch_walls: list[float] = []
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         label = f"epoch {epoch}/{cfg.epochs}"
-        tick = progress and (lambda done: progress(label, done, len(views)))
+        tick = progress and (lambda done, label=label: progress(label, done, len(views)))
         if cfg.uses_feature_cache:
             batches: Batches = cached_batches(feats, train.targets, cfg.seed, epoch, cfg.batch_size)
         else:
@@ -376,16 +410,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
             best_epoch, best_metrics, bad = epoch, metrics, 0
         else:
             bad += 1
-        ckpt = _cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else {},
-                     "epoch": epoch, "best_epoch": best_epoch, "config": cfg.to_dict(),
-                     "class_names": list(layout.class_names),
-                     "positive_class": cfg.positive_class, "preprocess": params.to_dict(),
-                     "metrics": metrics, "best_metrics": best_metrics,
-                     "data_fingerprint": digest, "versions": versions(), "history": history,
-                     "rng": rng_state()})
-        save_checkpoint(ckpt, out / "last.pt")
+        save_checkpoint(run.checkpoint(model, optimizer, scheduler, scaler, epoch, best_epoch,
+                                       metrics, best_metrics, history), out / "last.pt")
         if improved:
             _same_file(out / "last.pt", out / "best.pt")
         _write_history(out / "history.csv", history)
@@ -394,15 +420,15 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
             f"{row['seconds']:.1f}s{'  *best' if improved else ''}")
         if on_epoch:
             on_epoch(row)
-        epochs_here += 1
-        elapsed = time.perf_counter() - t_run
+        epoch_walls.append(time.perf_counter() - t0)
         if cfg.patience and bad >= cfg.patience:
-            stop = (f"early stopping: val loss has not improved for {cfg.patience} epochs")
+            stop = f"early stopping: val loss has not improved for {cfg.patience} epochs"
             break
-        if (cfg.max_minutes and epoch < cfg.epochs
-                and elapsed + elapsed / epochs_here > 60 * cfg.max_minutes):
+        # The budget covers the whole command (decoding and the feature cache included).
+        next_end = time.perf_counter() - t_start + sum(epoch_walls) / len(epoch_walls)
+        if cfg.max_minutes and epoch < cfg.epochs and next_end > 60 * cfg.max_minutes:
             stop = (f"time budget: another epoch would overrun --max-minutes {cfg.max_minutes:g}"
-                    f"; continue with --resume")
+                    "; continue with --resume")
             break
     last_epoch = history[-1]["epoch"] if history else 0
     say(f"stopped after epoch {last_epoch}: {stop}. Best epoch {best_epoch}: val_loss "
@@ -411,8 +437,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
     result = FitResult(out, last_epoch, best_epoch, best_metrics, stop, history, unreadable)
     if "test" in layout.splits and best_epoch:
         result.test_metrics = _test(model, layout.splits["test"], out / "best.pt", params,
-                                    criterion, cfg, device, amp, channels_last, threads,
-                                    progress, say, result)
+                                    criterion, cfg.batch_size, device, amp, channels_last,
+                                    threads, progress, say, result)
     (out / "metrics.json").write_text(json.dumps(
         {"best_epoch": best_epoch, "stop_reason": stop, "val": _json_safe(best_metrics),
          "test": _json_safe(result.test_metrics) if result.test_metrics else None,
@@ -420,20 +446,20 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
     return result
 
 
-def _test(model, samples, best_path, params, criterion, cfg, device, amp, channels_last,
-          threads, progress, say, result) -> dict[str, float]:
+def _test(model: nn.Module, samples, best_path: Path, params: Preprocess, criterion: nn.Module,
+          batch_size: int, device: torch.device, amp: bool, channels_last: bool, threads: int,
+          progress: Optional[Progress], say: RunLog, result: FitResult) -> dict[str, float]:
     """The best checkpoint on test/, through the scorer's own preprocessing."""
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    test: Decoded = decode(samples, EvalPreset(params), threads, progress, "decode test")
-    for path, reason in test.failures:
+    test = decode(samples, EvalPreset(params), threads, progress, "decode test")
+    for _, reason in test.failures:
         say(f"skipped unreadable file: {reason}")
     result.unreadable += [(str(p), e) for p, e in test.failures]
     if not test.samples:
         return {}
     m, _ = evaluate(model, tensor_batches(torch.from_numpy(np.stack(test.arrays)), test.targets,
-                                          2 * cfg.batch_size),
+                                          2 * batch_size),
                     criterion, device, amp=amp, channels_last=channels_last)
-    metrics = {"test_loss": m["loss"], "test_accuracy": m["accuracy"], "test_auc": m["auc"]}
     say(f"best epoch on test ({len(test.samples)} images): loss {m['loss']:.4f}  "
         f"accuracy {m['accuracy']:.3f}  auc {m['auc']:.3f}")
-    return metrics
+    return {"test_loss": m["loss"], "test_accuracy": m["accuracy"], "test_auc": m["auc"]}

@@ -25,8 +25,8 @@ def build_model(pretrained: str = "none", freeze: str = "none") -> nn.Module:
             model = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
         except Exception as e:  # noqa: BLE001 - urllib/OSError/hash errors all mean "no weights"
             raise WeightsError(
-                f"could not load torchvision's ImageNet weights for resnet18 ({e}). This machine is "
-                "probably offline. Either pass a local state dict with --pretrained PATH.pth "
+                f"could not load torchvision's ImageNet weights for resnet18 ({e}). This machine "
+                "is probably offline. Either pass a local state dict with --pretrained PATH.pth "
                 "(e.g. resnet18-f37072fd.pth copied from a machine with internet), or train from "
                 "scratch with --pretrained none.") from e
     elif pretrained == "none":

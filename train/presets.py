@@ -43,7 +43,8 @@ def shrink_for_augmentation(image: np.ndarray, input_size: tuple[int, int],
 
 def random_resized_crop_box(shape: tuple[int, int], rng: np.random.Generator,
                             scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                            ) -> tuple[int, int, int, int]:
     """(top, left, height, width), sampled as torchvision's RandomResizedCrop.get_params does."""
     height, width = shape
     area = height * width
