@@ -14,8 +14,8 @@ steal cores mid-run and inflate wall time, CPU time much less so. --variants als
 quantisation settings (per-tensor weights, QOperator format, reduce_range) for comparison.
 
 On the development machine (AMD EPYC with AVX2 but no VNNI, 2 cores shared with other jobs)
-the shipped int8 model used 1.7-1.85x less CPU time per batch than fp32, at 4.0x smaller;
-wall-time ratios swung between 1.7x and 2.8x with the other jobs' load. About 98 % of int8 time
+the shipped int8 model used 1.64-1.85x less CPU time per batch than fp32, at 4.0x smaller;
+wall-time ratios swung between 1.64x and 2.8x with the other jobs' load. About 98 % of int8 time
 is in QLinearConv: without VNNI, onnxruntime's u8s8 kernels (vpmaddubsw) are roughly twice as
 fast as its fp32 convolutions at best, so the 1.9x goal needs a CPU with AVX512-VNNI or
 AVX-VNNI (vpdpbusd). Per-tensor weights, QOperator format and reduce_range do not change this

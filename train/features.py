@@ -9,7 +9,9 @@ runs -- microseconds instead of a ResNet forward.
 
 Same result as the naive loop up to augmentation sampling: cached view v of an image is exactly
 the augmentation the naive loop draws in epoch v + 1 (see `data.TrainViews`); the cached loop
-draws views at random each epoch instead of a fresh augmentation. The whole run costs about
+draws views at random each epoch instead of a fresh augmentation. Every cached view is augmented
+-- none is the plain eval view -- because the naive loop never trains on un-augmented images
+either. The whole run costs about
 `views / epochs` of the naive one, so keep views well below the epoch count.
 """
 from __future__ import annotations

@@ -1,0 +1,48 @@
+"""fxscore.train.config: option checks and what a resumed run may change. Torch-free."""
+from __future__ import annotations
+
+import pytest
+
+from fxscore.train.config import RESUMABLE, TrainConfig, resumed_config
+
+BASE = {"data": "data", "out": "runs/r18"}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"freeze": "head"}, "freeze must be"),
+    ({"scheduler": "step"}, "scheduler must be"),
+    ({"device": "tpu"}, "device must be"),
+    ({"pos_weight": "heavy"}, "pos_weight must be"),
+    ({"pos_weight": "-2"}, "pos_weight must be"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"image_size": 16}, "image_size must be at least 32"),
+    ({"cache_views": -1}, "cache_views must not be negative"),
+    ({"crop_scale": 0.0}, "crop_scale"),
+    ({"limit_per_class": 0}, "limit_per_class"),
+    ({"max_minutes": 0}, "max_minutes"),
+])
+def test_bad_options_are_named(change, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(**BASE, **change)
+
+
+def test_defaults_are_the_seed_recipe_and_round_trip():
+    cfg = TrainConfig(**BASE)
+    assert (cfg.pretrained, cfg.freeze, cfg.image_size, cfg.crop_scale) == \
+        ("imagenet", "backbone", 224, 0.08)
+    assert cfg.uses_feature_cache
+    assert not TrainConfig(**BASE, cache_views=0).uses_feature_cache
+    assert not TrainConfig(**BASE, freeze="none").uses_feature_cache
+    assert TrainConfig.from_dict({**cfg.to_dict(), "from_a_newer_fxscore": 1}) == cfg
+    assert TrainConfig(**BASE, pos_weight="2.5").pos_weight == "2.5"
+
+
+def test_resume_may_change_only_what_does_not_change_an_epoch():
+    saved = TrainConfig(**BASE, lr=0.01)
+    more = resumed_config(saved, {"epochs": 60, "max_minutes": 5.0, "device": "cpu",
+                                  "workers": 2, "threads": 1, "data": "moved/data"})
+    assert (more.epochs, more.data, more.lr) == (60, "moved/data", 0.01)
+    assert resumed_config(saved, {"lr": 0.01}) == saved  # restating the recipe is fine
+    with pytest.raises(ValueError, match="cannot change --lr 0.01 -> 0.1, --seed 0 -> 1"):
+        resumed_config(saved, {"lr": 0.1, "seed": 1, "epochs": 3})
+    assert set(RESUMABLE) >= {"epochs", "max_minutes", "device", "workers", "threads"}
