@@ -439,8 +439,13 @@ def format_summary(audit: Audit, *, max_lines: int = 5) -> str:
         lines.append(f"label conflicts: {len(audit.conflicts)} groups carry more than one label "
                      f"({exact} of them the very same bytes)")
         for g in audit.conflicts[:max_lines]:
-            lines.append(f"  group {g['group']}: {g['labels']} e.g. {g['paths'][0]}")
+            labels = ", ".join(f"{k} {v}" for k, v in g["labels"].items())
+            lines.append(f"  group {g['group']} ({labels}): {', '.join(g['paths'][:3])}"
+                         + (" ..." if len(g["paths"]) > 3 else ""))
     warnings = audit.warnings
+    if audit.shortcuts:
+        lines.append("one-feature ROC-AUC (0.5 = no shortcut): " + ", ".join(
+            f"{c['feature']} {c['auc']:.2f}" for c in audit.shortcuts))
     if warnings:
         lines.append(f"shortcuts ({len(warnings)} warnings):")
         lines += [f"  {w}" for w in warnings[:max_lines]]

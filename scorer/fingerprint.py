@@ -1,22 +1,28 @@
 """Fingerprints of images: exact (sha256 of the bytes) and near-duplicate (what the pixels show).
 
-Public fracture data sets hold the same radiograph many times: re-encoded, resized, flipped,
-rotated by 90 degrees or a few degrees, slightly cropped, brighter or darker. Finding those
-copies takes two steps, because X-rays of the same body part look alike when small:
+Public fracture data sets hold the same radiograph many times: re-encoded, resized (often
+stretched to 224 x 224), flipped, turned by 90 degrees, rotated by a few degrees, slightly
+cropped, brighter or darker. X-rays of the same body part look alike when small, so finding the
+copies takes two steps:
 
-1. Candidates. Every image becomes a 128 x 128 grey thumbnail; its 8 x 8 lowest DCT frequencies
-   (of a 32 x 32 version, zero mean, unit length) are a descriptor whose dot product is the
-   correlation of two heavily blurred images: blind to brightness/contrast, resizing and
-   re-encoding, and tolerant of small rotations, crops and shifts. Flips, transposes and 90
-   degree turns only permute signs and axes of DCT coefficients, so all 8 orientations of an
-   image cost one DCT. Pairs above a loose similarity come from blocked matrix products.
-2. Verification. A candidate pair is aligned (its best orientation, then a search over rotation
-   up to +-15 degrees, scale +-13 % and shift) and compared by normalised cross-correlation of
-   band-passed thumbnails, first at 64 px, then refined at 128 px. Band-passing keeps edges and
-   trabecular texture, which differ between two patients' wrists even when their silhouettes
-   agree; a blurred silhouette does not.
+1. Candidates. Every image becomes a 128 x 128 grey thumbnail (squashed: see `thumbnail`). The
+   6 x 6 lowest DCT frequencies of it and of its central 75 %, at 32 x 32, zero mean, unit
+   length, are a descriptor whose dot product is the correlation of two heavily blurred images:
+   blind to brightness/contrast, resizing and re-encoding, tolerant of small rotations, crops
+   and shifts. Flips and 90 degree turns only permute signs and axes of DCT coefficients, so the
+   8 orientations cost one DCT. Blocked matrix products give each image its 6 closest others.
+2. Verification. A candidate pair is aligned (orientation, rotation up to +-15 degrees in either
+   image's frame, x and y scale, shift) and compared by normalised cross-correlation of
+   band-passed thumbnails, coarse to fine (32, 64, 128 px), rejecting look-alikes early.
+   Band-passing keeps edges and trabecular texture, which differ between two films of the same
+   wrist even when their silhouettes agree.
 
-Both thresholds were calibrated on the real data set (see tests/test_fingerprint.py).
+Verified pairs join groups (union-find), most similar first; pairs already joined are skipped.
+The thresholds were calibrated on the real data set. Planted copies of every kind score above
+0.85, look-alike films of other patients below 0.65. Between 0.80 and 0.85 lie both copies
+with heavy edits (a knee turned 12 degrees and zoomed: 0.82) and a few other films of the same
+patient (his left and right wrist: 0.82). Both are joined: a missed copy is a silent leak,
+and the same patient in train and test is a leak as well.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ THUMB = 128  # thumbnail side; verification's fine level works at this size
 DCT_SIDE = 32  # the candidate descriptor's image side
 DCT_K = 6  # keep the K x K lowest frequencies (minus DC)
 CANDIDATE_SIM = 0.50  # descriptor similarity for a pair to be verified at all
-MATCH_SCORE = 0.80  # verified band-pass correlation at 128 px that makes two images one group
+MATCH_SCORE = 0.80  # verified band-pass correlation at 128 px that joins two images (see above)
 MAX_NEIGHBOURS = 6  # candidates per image, best first: copies rank first, bounded work
 MAX_TRIES = 3  # verifications between two groups before they are taken to be distinct
 MAX_ORIENTS = 3  # orientations tried per pair (near-symmetric images rank several alike)

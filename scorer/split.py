@@ -82,11 +82,11 @@ def plan_split(audit: Audit, config: SplitConfig, *, workers: int | None = None,
                progress: Progress | None = None) -> SplitPlan:
     """Decide where every file goes (or why it does not), deterministically for a seed.
 
-    Then check the plan the way `fxscore audit` will check its output: every image against its
-    closest images in the other splits. The audit of the whole data set joined copies through
-    each image's closest images overall; in the smaller split tree the closest ones differ, and
-    a copy the first grouping missed would surface as a leak. Groups so joined are merged and
-    the split is planned again, until no pair across splits verifies.
+    Then check the plan the way `fxscore audit` will check the written tree: the audit of the
+    whole data set found copies among each image's closest images in the whole set; in the
+    smaller split tree the closest ones differ, and a copy the first grouping missed would
+    surface as a leak. Groups joined by such a pair are merged and the split is planned again,
+    until no pair across splits verifies.
     """
     excluded: list[dict[str, Any]] = []
     conflicted = {g["group"]: g["labels"] for g in audit.conflicts}
@@ -184,8 +184,10 @@ def _merge(members: dict[int, list[FileRecord]], links: list[tuple[int, int]],
 
 
 class _LeakCheck:
-    """Verifies, for a planned split, each image against its closest images in other splits;
-    remembers every score, so planning again only verifies new pairs."""
+    """Verifies, for a planned split, the candidate pairs across splits that `fxscore audit`
+    of the written tree will verify: the same contents in the same order give the same
+    descriptors and candidates, so a pair that fails here fails there. Remembers every score,
+    so planning again only verifies new pairs."""
 
     def __init__(self, audit: Audit, workers: int | None, progress: Progress | None) -> None:
         self.thumbs = audit.thumbs
@@ -218,7 +220,10 @@ class _LeakCheck:
             if sha not in self.desc:
                 self.desc[sha] = fp.descriptors(self.thumbs[sha])
         desc = np.stack([self.desc[s] for s in order])
-        pairs = fp.candidate_pairs(desc, part=np.array([split_of[s] for s in order]))
+        # exactly the pairs that audit will consider, of those the ones across splits
+        pairs = fp.candidate_pairs(desc)
+        part = np.array([split_of[s] for s in order])
+        pairs = pairs[part[pairs["i"]] != part[pairs["j"]]]
         key = [(order[i], order[j]) for i, j in zip(pairs["i"].tolist(), pairs["j"].tolist())]
         todo = [k for k, pair in enumerate(key) if pair not in self.scores]
         for start in range(0, len(todo), 512):
