@@ -9,7 +9,6 @@ debug annotations, the one IR-10 feature it uses.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import platform
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from fxscore import __version__
 from fxscore.contract import ContractError, ModelMeta, Preprocess
+from fxscore.fingerprint import sha256_file
 from fxscore.model import Model, ModelError, load_model
 from fxscore.train.model import build_model
 
@@ -80,7 +80,7 @@ def load_checkpoint(path: str | Path) -> tuple[ProbabilityModel, dict[str, Any]]
         raise ExportError(f"{path}: its weights do not fit fxscore's ResNet18 "
                           f"({str(e).splitlines()[0]})") from e
     rest = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler")}
-    rest["sha256"] = _sha256(path)
+    rest["sha256"] = sha256_file(path)
     return ProbabilityModel(net).eval(), rest
 
 
@@ -187,10 +187,3 @@ def verify_file(path: Path, expected: ModelMeta, *, threads: int | None = None) 
         raise ExportError(f"{path}: the stored metadata differs from what was meant to be written")
     return model
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

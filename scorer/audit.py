@@ -95,7 +95,8 @@ class Audit:
         return [w for s in self.shortcuts for w in s["warnings"]]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("files", "thumbs")}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("files", "thumbs")}
         d["unreadable"] = [{"path": f.path, "error": f.error} for f in self.unreadable]
         return d
 
@@ -116,8 +117,8 @@ def discover(root: str | os.PathLike, *, labels: bool = True) -> tuple[str, list
     subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     split_dirs = {d: SPLIT_NAMES[d.lower()] for d in subdirs if d.lower() in SPLIT_NAMES}
     if len(set(split_dirs.values())) != len(split_dirs):
-        raise AuditError(f"{root}: two folders name the same split ({', '.join(sorted(split_dirs))}); "
-                         "merge or rename them.")
+        raise AuditError(f"{root}: two folders name the same split "
+                         f"({', '.join(sorted(split_dirs))}); merge or rename them.")
     layout = "splits" if split_dirs else "tree"
     records = []
     for rel, _path in find_images(root):
@@ -243,8 +244,8 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
             if sha and sha not in first_path:
                 first_path[sha] = p
         todo = [s for s in first_path if s not in cache]
-        for k, (sha, res) in enumerate(zip(todo, pool.map(analyse_file, [first_path[s] for s in todo],
-                                                          chunksize=8))):
+        results = pool.map(analyse_file, [first_path[s] for s in todo], chunksize=8)
+        for k, (sha, res) in enumerate(zip(todo, results)):
             cache[sha] = res
             if k % 64 == 0 or k == len(todo) - 1:
                 report("read", k + 1, len(todo))
@@ -408,7 +409,7 @@ def shortcut_check(files: Iterable[FileRecord]) -> list[dict[str, Any]]:
             c, k = in_class.most_common(1)[0]
             overall = float((labels == c).mean())
             if k / n >= PURE_SHARE and overall < PURE_SHARE:
-                warnings.append(f"{name} {v}: {k} of {n} files are '{c}' "
+                warnings.append(f"{name}={v}: {k} of {n} files are '{c}' "
                                 f"(vs {overall:.0%} overall)")
         out.append({"feature": name, "auc": round(auc, 3), "per_class": per_class,
                     "warnings": warnings})

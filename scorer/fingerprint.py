@@ -341,7 +341,8 @@ def match(a: np.ndarray, b: np.ndarray, sims: np.ndarray | None = None,
     score, (angle, sx, sy, q) = float(refined[k]), local[k]
     if score < HOPELESS:
         return Match(score, o, angle, sx, sy, q)
-    fine_grid = [(angle, sx * fx, sy * fy, q) for fx in (0.97, 1.0, 1.03) for fy in (0.97, 1.0, 1.03)]
+    fine_grid = [(angle, sx * fx, sy * fy, q) for fx in (0.97, 1.0, 1.03)
+                 for fy in (0.97, 1.0, 1.03)]
     fine = _best_ncc(_warps(dihedral(b128, o), fine_grid), a128)
     k = int(fine.argmax())
     return Match(max(float(fine[k]), as_is if o == ranked[0] else -1.0), o, *fine_grid[k])

@@ -6,7 +6,6 @@ night's batch job.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .contract import ContractError, ModelMeta
+from .fingerprint import sha256_file
 
 MODEL_ENV = "FXSCORE_MODEL"
 DEFAULT_MODEL = "default.onnx"  # inside the fxscore.models package
@@ -126,7 +126,7 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
     if not path.is_file():
         raise ModelError(f"model {source} is not a file")
     try:
-        model_id = _sha256(path)[:12]
+        model_id = sha256_file(path)[:12]
     except OSError as e:
         raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
 
@@ -192,10 +192,3 @@ def _check_graph(session: ort.InferenceSession, meta: ModelMeta, source: str) ->
         raise ModelError(f"model {source}: output shape {out} is not [N] or [N, 1] "
                          "(one probability per image)")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -43,6 +43,13 @@ class Existing:
     cut: int = 0  # bytes of a half-written last record that were removed
 
 
+def csv_cells(row: Row) -> list[str]:
+    """One row's CSV cells in COLUMNS order, formatted as `fxscore run` writes them."""
+    p = row["probability"]
+    return [row["path"], "" if p is None else f"{p:.6f}", row["label"],
+            str(float(row["threshold"])), row["model_id"], row["error"]]
+
+
 def format_for(out: str, fmt: str | None) -> str:
     """The explicit format, else jsonl for a .jsonl/.ndjson --out, else csv."""
     if fmt:
@@ -63,9 +70,7 @@ class RowWriter:
     def write_batch(self, rows: Iterable[Row]) -> None:
         for row in rows:
             if self._csv:
-                p = row["probability"]
-                self._csv.writerow([row["path"], "" if p is None else f"{p:.6f}", row["label"],
-                                    str(float(row["threshold"])), row["model_id"], row["error"]])
+                self._csv.writerow(csv_cells(row))
             else:
                 rec = {k: row[k] for k in COLUMNS}
                 if rec["probability"] is not None:

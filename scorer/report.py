@@ -151,15 +151,13 @@ def metrics_json(ev: Evaluation) -> str:
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     """`fxscore run`'s CSV columns, values written the same way, plus true_label."""
-    from .output import COLUMNS
+    from .output import COLUMNS, csv_cells
 
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow((*COLUMNS, "true_label"))
         for row in rows:
-            cells = {**row, "probability": "" if row["probability"] is None
-                     else f"{row['probability']:.6f}", "threshold": str(float(row["threshold"]))}
-            w.writerow([cells[c] for c in COLUMNS] + [row["true_label"]])
+            w.writerow(csv_cells(row) + [row["true_label"]])
 
 
 def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:

@@ -200,8 +200,6 @@ class _LeakCheck:
         self.pool = None
 
     def __enter__(self) -> "_LeakCheck":
-        if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -226,6 +224,8 @@ class _LeakCheck:
         pairs = pairs[part[pairs["i"]] != part[pairs["j"]]]
         key = [(order[i], order[j]) for i, j in zip(pairs["i"].tolist(), pairs["j"].tolist())]
         todo = [k for k, pair in enumerate(key) if pair not in self.scores]
+        if self.pool is None and self.workers > 1 and len(todo) >= 64:  # worth starting
+            self.pool = ProcessPoolExecutor(self.workers)
         for start in range(0, len(todo), 512):
             chosen = pairs[todo[start:start + 512]]
             idx = np.unique(np.concatenate([chosen["i"], chosen["j"]]))
@@ -259,8 +259,9 @@ def _name(placements: list[Placement]) -> None:
         if not dot or not stem:
             stem, suffix = name, ""
         suffix = "." + suffix if suffix else ""
-        candidates = itertools.chain([name, f"{stem}__{p.sha256[:8]}{suffix}"],
-                                     (f"{stem}__{p.sha256[:8]}_{k}{suffix}" for k in itertools.count(2)))
+        tagged = f"{stem}__{p.sha256[:8]}"
+        candidates = itertools.chain([name, tagged + suffix],
+                                     (f"{tagged}_{k}{suffix}" for k in itertools.count(2)))
         for candidate in candidates:
             path = f"{folder}/{candidate}"
             if path.lower() not in taken:
@@ -302,12 +303,18 @@ def write_split(plan: SplitPlan, data: str | os.PathLike, out: str | os.PathLike
     summary = {
         "data": str(data), "config": asdict(plan.config), "fxscore": __version__,
         "files": len(plan.placed), "groups": len({p.group for p in plan.placed}),
-        "counts": plan.counts, "excluded": dict(Counter(e["reason"].split(":")[0].split(" of ")[0]
-                                                      for e in plan.excluded)),
+        "counts": plan.counts, "excluded": dict(Counter(_kind(e["reason"]) for e in plan.excluded)),
         "hard_linked": how["link"], "copied": how["copy"],
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _kind(reason: str) -> str:
+    for kind in ("unreadable", "label conflict", "exact copy"):
+        if reason.startswith(kind):
+            return kind
+    return reason
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:

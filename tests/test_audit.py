@@ -119,7 +119,8 @@ def test_pure_subset_warning_when_one_value_lives_in_one_class():
                                   width=224, height=224, colour=label == "fractured" and k < 60,
                                   bit_depth=8))
     checks = {s["feature"]: s for s in A.shortcut_check(files)}
-    assert checks["colour"]["warnings"] == ["colour colour: 30 of 30 files are 'fractured' (vs 50% overall)"]
+    assert checks["colour"]["warnings"] == [
+        "colour=colour: 30 of 30 files are 'fractured' (vs 50% overall)"]
     assert checks["size"]["warnings"] == [] and checks["size"]["auc"] == 0.5
 
 
@@ -134,10 +135,16 @@ def test_one_folder_tree(tmp_path, layout):
     assert a.groups == [] and a.stats["groups"] == 3
 
 
+def two_train_folders(p: Path) -> Path:
+    (p / "train").mkdir()
+    (p / "Train").mkdir(exist_ok=True)  # the same folder where names ignore case
+    return p
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "not a folder"),
     (lambda p: p, "no image files"),
-    (lambda p: (p / "train").mkdir() or (p / "Train").mkdir() or p, "two folders name the same split"),
+    (two_train_folders, "two folders name the same split"),
 ])
 def test_unusable_folders_are_errors_that_say_why(tmp_path, make, message):
     root = make(tmp_path)
@@ -173,9 +180,13 @@ def test_format_summary_is_short_and_says_what_matters(leaky_audit):
 
 # ---------------------------------------------------------------------------- the real data
 
+# sha256 -> analysis of every real content: test_split audits a subset without reading again
+REAL_CACHE: dict = {}
+
+
 @pytest.fixture(scope="module")
 def real_audit(real_data_root):
-    return A.run_audit(real_data_root)
+    return A.run_audit(real_data_root, cache=REAL_CACHE)
 
 
 def manifest_rows() -> list[dict[str, str]]:
@@ -233,7 +244,7 @@ def test_real_data_unreadable_files_are_the_truncated_ones(real_audit):
 def test_real_data_shortcuts_are_flagged(real_audit):
     warnings = real_audit.warnings
     # every colour image is 'fractured' (README): a shortcut a model would learn
-    assert any(w.startswith("colour colour:") and "'fractured'" in w for w in warnings)
+    assert any(w.startswith("colour=colour:") and "'fractured'" in w for w in warnings)
 
 
 # Real radiographs that are NOT copies of each other, although their descriptors are close

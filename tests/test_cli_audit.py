@@ -22,7 +22,8 @@ def clean_tree(tmp_path_factory) -> Path:
     """train/val/test with distinct pictures only."""
     root = tmp_path_factory.mktemp("clean")
     for s in range(12):
-        save(to_pil(texture(s, size=96)), root / ["train", "val", "test"][s % 3] / "ab"[s % 2] / f"{s}.png")
+        split = ["train", "val", "test"][s % 3]
+        save(to_pil(texture(s, size=96)), root / split / "ab"[s % 2] / f"{s}.png")
     return root
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import require_real_data
 from fxscore import audit as A
 from fxscore import split as S
+from test_audit import REAL_CACHE
 from test_fingerprint import COPIES, texture, to_pil
 
 
@@ -86,7 +87,8 @@ def test_keep_duplicates_keeps_exact_copies_in_their_group(data_audit):
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another(data_audit):
     def assignment(seed):
-        return {p.source: p.split for p in S.plan_split(data_audit, S.SplitConfig(seed=seed)).placed}
+        plan = S.plan_split(data_audit, S.SplitConfig(seed=seed))
+        return {p.source: p.split for p in plan.placed}
 
     assert assignment(0) == assignment(0)
     assert assignment(0) != assignment(1)
@@ -159,7 +161,7 @@ def test_real_split_passes_audit_with_zero_cross_split_groups(tmp_path):
     raw = tmp_path / "raw"
     subprocess.run([sys.executable, str(src / "materialize"), str(raw), "--split", "val,test"],
                    check=True, capture_output=True)
-    cache: dict = {}
+    cache = REAL_CACHE  # filled if test_audit's real-data audit ran first; else filled here
     before = A.run_audit(raw, cache=cache)
     assert before.leaks[0]["leaked"] > 0  # val -> test leaks as published
     plan = S.plan_split(before, S.SplitConfig(val=0.1, test=0.2, seed=0))
