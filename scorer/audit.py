@@ -32,7 +32,7 @@ import numpy as np
 
 from . import fingerprint as fp
 from .files import find_images
-from .images import ImageReadError, read_image, sniff_format
+from .images import ImageReadError, image_info, read_image, sniff_format
 
 # Folder names that mark a split, and their canonical names. Order = training order: a copy in
 # a later split of an image in an earlier one is the leak that inflates reported numbers.
@@ -150,48 +150,20 @@ def _hash(path: str) -> tuple[str, int, str]:
         return "", 0, f"{path}: cannot read file ({e.strerror or e})"
 
 
-_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA", "LA"}
-
-
 def _facts(path: str, img: np.ndarray | None) -> dict[str, Any]:
-    """Format (from the content), size, mode, colour and bit depth: what a shortcut can be."""
-    from PIL import Image
-
-    facts: dict[str, Any] = {"format": sniff_format(path) or "unknown"}
+    """What a shortcut can be, as `image_info` defines it: format (from the content), mode,
+    bit depth, colour (pixels that really use colour, only judged for decodable files), and
+    the size of the image read_image decoded (which the split's aspect ratios use)."""
+    try:
+        info = image_info(path, decode=img is not None)
+        facts: dict[str, Any] = {"format": info["format"], "mode": info["mode"],
+                                 "bit_depth": info["bit_depth"],
+                                 "colour": info.get("has_colour", False)}
+    except ImageReadError:  # no readable header (read_image reported why): the format at most
+        facts = {"format": sniff_format(path) or "unknown"}
     if img is not None:
         facts["height"], facts["width"] = img.shape
-    if facts["format"] == "dicom":
-        try:
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            facts.update(mode=str(getattr(ds, "PhotometricInterpretation", "")),
-                         bit_depth=int(getattr(ds, "BitsStored", 0) or 0),
-                         colour=int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1)
-        except Exception:  # noqa: BLE001 - facts are best effort; read_image reported errors
-            pass
-        return facts
-    try:
-        with Image.open(path) as im:
-            facts["mode"] = im.mode
-            facts["bit_depth"] = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32,
-                                  "F": 32}.get(im.mode, 8)
-            if im.mode in _COLOUR_MODES and img is not None:
-                facts["colour"] = _is_colour(im)
-    except Exception:  # noqa: BLE001
-        pass
     return facts
-
-
-def _is_colour(im) -> bool:
-    """True when the picture has visible colour, not just RGB storage of a grey image.
-
-    JPEG chroma noise is a level or two; coloured arrows or a CT colour map are tens.
-    """
-    im.draft("RGB", (256, 256))  # JPEG decodes at reduced size: cheap
-    rgb = np.asarray(im.convert("RGB").resize((128, 128)), dtype=np.int16)
-    chroma = np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max(axis=2)
-    return bool((chroma > 24).mean() > 0.002)
 
 
 def analyse_file(path: str) -> tuple[np.ndarray | None, dict[str, Any], str]:

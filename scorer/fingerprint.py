@@ -127,6 +127,8 @@ def descriptors(thumb: np.ndarray) -> np.ndarray:
 
 
 def _block_mean(x: np.ndarray, side: int) -> np.ndarray:
+    """Square image -> float32 (side, side), each pixel the mean of the area it covers."""
+    x = x.astype(np.float32, copy=False)
     if x.shape[0] % side == 0:
         f = x.shape[0] // side
         return x.reshape(side, f, side, f).mean(axis=(1, 3))
@@ -287,11 +289,6 @@ class Match:
     aspect: float  # height / width of the frame the rotation was made in
 
 
-def _down(x: np.ndarray, f: int) -> np.ndarray:
-    n = x.shape[0] // f
-    return x.astype(np.float32).reshape(n, f, n, f).mean(axis=(1, 3))
-
-
 def match(a: np.ndarray, b: np.ndarray, sims: np.ndarray | None = None,
           aspect_a: float = 1.0, aspect_b: float = 1.0) -> Match:
     """How well thumbnail b, turned, rotated, scaled and shifted, reproduces the centre of a.
@@ -314,8 +311,9 @@ def match(a: np.ndarray, b: np.ndarray, sims: np.ndarray | None = None,
     as_is = float(_best_ncc(dihedral(b128, ranked[0])[None], a128)[0])
     if as_is >= MATCH_SCORE:
         return Match(as_is, ranked[0], 0.0, 1.0, 1.0, aspect_a)
-    template32 = _centre(band_pass(_down(a, 4), 0.5, 1.5))
-    b32 = band_pass(_down(b, 4), 0.5, 1.5)
+    n = a.shape[0]
+    template32 = _centre(band_pass(_block_mean(a, n // 4), 0.5, 1.5))
+    b32 = band_pass(_block_mean(b, n // 4), 0.5, 1.5)
     best = (-2.0, 0, (0.0, 1.0, 1.0, aspect_a))
     for o in ranked:
         # b's frame, seen in a's orientation: a transpose swaps its sides
@@ -335,8 +333,8 @@ def match(a: np.ndarray, b: np.ndarray, sims: np.ndarray | None = None,
     # steps of 5 degrees and 10 % leave at most 2.5 degrees and 5 % to find
     local = [(angle + da, s * fx, s * fy, q) for da in (-2.0, 0.0, 2.0)
              for fx in (0.93, 1.0, 1.07) for fy in (0.93, 1.0, 1.07)]
-    refined = _best_ncc(_warps(dihedral(band_pass(_down(b, 2), 0.7, 2.5), o), local),
-                        _centre(band_pass(_down(a, 2), 0.7, 2.5)))
+    refined = _best_ncc(_warps(dihedral(band_pass(_block_mean(b, n // 2), 0.7, 2.5), o), local),
+                        _centre(band_pass(_block_mean(a, n // 2), 0.7, 2.5)))
     k = int(refined.argmax())
     score, (angle, sx, sy, q) = float(refined[k]), local[k]
     if score < HOPELESS:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 # Suffixes the file discovery treats as images. The reader itself ignores names; this only
-# decides which files in a folder are worth opening (see `is_image_candidate`).
+# decides which files in a folder are worth opening (see `fxscore.files.is_candidate`).
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp",
     ".dcm", ".dicom", ".dic",
@@ -85,19 +85,6 @@ def sniff_format(path: str | os.PathLike) -> str | None:
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """True if the file carries the DICOM Part 10 marker 'DICM' at byte 128."""
     return sniff_format(path) == "dicom"
-
-
-def is_image_candidate(path: str | os.PathLike) -> bool:
-    """Should folder discovery score this file?
-
-    Known image suffixes are taken on their name (a broken one must still be reported, not
-    skipped). Other files are kept when their content is an image: PACS exports name DICOM
-    files 'IM0001' or '1.2.840....1', so the suffix cannot be trusted to exist.
-    """
-    p = Path(path)
-    if p.suffix.lower() in IMAGE_EXTENSIONS:
-        return True
-    return not p.name.startswith(".") and sniff_format(p) is not None
 
 
 # ---------------------------------------------------------------------------- reading

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/fracture-multi-region}"
 WORK="${1:-/tmp/fxscore-default}"
-MINUTES="${MINUTES:-40}"     # CPU training budget (2 cores); recorded in the model card
+MINUTES="${MINUTES:-35}"     # CPU training budget (2 cores); recorded in the model card
 SIZE="${SIZE:-128}"          # input size: 128 px keeps full fine-tuning affordable on a CPU
 mkdir -p "$WORK"
 
