@@ -283,7 +283,7 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
         if show and seen["n"]:
             click.echo("", err=True)
 
-    click.echo(format_text(ev), nl=False)
+    click.echo(format_text(ev).rstrip("\n"))
     if report_dir:
         try:
             paths = write_report(ev, report_dir)

@@ -104,6 +104,22 @@ def test_scores_every_sample_file_once(model, tmp_path):
     assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
 
 
+
+def test_readme_main_job_with_the_shipped_model(tmp_path):
+    """README: `fxscore run sample_data --out preds.csv`, no --model, as a real process."""
+    env = {k: v for k, v in os.environ.items() if k != "FXSCORE_MODEL"}
+    out = tmp_path / "preds.csv"
+    proc = subprocess.run([sys.executable, "-m", "fxscore.cli", "run", str(SAMPLE_DATA),
+                           "--out", str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == EXIT_SOME_FAILED, proc.stderr  # extras/broken/ are error rows
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == sorted(all_files(SAMPLE_DATA) - {"README.md"})
+    scored = [r for r in rows if not r["error"]]
+    assert len(scored) == len(rows) - 3
+    assert {r["label"] for r in scored} <= {"fractured", "not fractured"}
+    assert len({r["model_id"] for r in rows}) == 1
+
+
 def test_generated_dicom_and_16_bit_files(model, tmp_path):
     """Bit depth reaches the model: values are scaled by their depth, never clipped to 8 bits."""
     root = tmp_path / "in"

@@ -153,6 +153,19 @@ def test_packaged_default_model(tmp_path, monkeypatch):
     assert load_model().model_id == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def test_shipped_default_model_is_installed_and_valid(monkeypatch):
+    """The README's first command relies on the model that ships inside the package."""
+    monkeypatch.delenv("FXSCORE_MODEL", raising=False)
+    model = load_model()
+    assert model.path.name == "default.onnx" and model.path.parent.name == "models"
+    assert model.meta.model_name == "fxscore-resnet18-default"
+    assert model.meta.positive_class == "fractured"
+    assert model.meta.training.get("best_epoch"), "the card's numbers come from the summary"
+    h, w = model.meta.preprocess.input_size
+    p = model.predict(np.zeros((3, 3, h, w), dtype=np.float32))
+    assert p.shape == (3,) and np.all((p >= 0) & (p <= 1))
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
                     reason="CUDA is installed here")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):
