@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fxscore.train.config import TrainConfig
-    from fxscore.train.data import available_cpus
+    from fxscore.model import available_cpus
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -184,10 +184,10 @@ def analyse_file(path: str) -> tuple[np.ndarray | None, dict[str, Any], str]:
 # ---------------------------------------------------------------------------- the audit
 
 def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+    """Reader processes: the CPUs this job may use (affinity and cgroup quota)."""
+    from .model import available_cpus
+
+    return available_cpus()
 
 
 def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | None = None,

@@ -11,7 +11,6 @@ process state.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -223,10 +222,3 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Evaluation batches from preprocessed tensors, in order, nothing dropped."""
     for i in range(0, len(x), batch_size):
         yield x[i:i + batch_size], y[i:i + batch_size]
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1

@@ -30,9 +30,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from fxscore.contract import Preprocess
+from fxscore.model import available_cpus
 
 from .config import TrainConfig, resumed_config, versions, write_config
-from .data import (Decoded, DataError, EpochBatches, TrainViews, available_cpus, decode, discover,
+from .data import (Decoded, DataError, EpochBatches, TrainViews, decode, discover,
                    fingerprint, tensor_batches)
 from .features import backbone, cached_batches, extract, view_cache
 from .model import build_model
