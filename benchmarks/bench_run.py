@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,33 +104,20 @@ def main() -> None:
 
 
 def export_resnet18(path: Path) -> Path:
+    """A random-init ResNet18 exported by fxscore's own exporter: the model users would score."""
     try:
-        import onnx
         import torch
-        import torchvision
+
+        from fxscore.export.onnx_export import ProbabilityModel, to_onnx
+        from fxscore.train.model import build_model
     except ImportError:
         sys.exit("torch/torchvision/onnx are not installed: pass --model PATH to an fxscore model")
 
-    class WithSigmoid(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = torchvision.models.resnet18(weights=None, num_classes=1)
-
-        def forward(self, x):
-            return torch.sigmoid(self.net(x))
-
     torch.manual_seed(0)
-    net = WithSigmoid().eval()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter
-    torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["input"],
-                      output_names=["probability"], opset_version=17, dynamo=False,
-                      dynamic_axes={"input": {0: "N"}, "probability": {0: "N"}})
-    proto = onnx.load(str(path))
+    net = ProbabilityModel(build_model("none")).eval()
     meta = ModelMeta(class_names=("fractured", "not fractured"), positive_class="fractured",
                      preprocess=Preprocess(input_size=(224, 224)), model_name="bench-resnet18")
-    for k, v in meta.to_props().items():
-        proto.metadata_props.add(key=k, value=v)
-    onnx.save(proto, str(path))
+    path.write_bytes(to_onnx(net, meta).SerializeToString())
     return path
 
 
