@@ -11,15 +11,24 @@ accuracy, only about speed; accuracy is checked by `fxscore export --int8` on la
 
 Besides wall time it reports process CPU time per batch: on a shared machine other processes
 steal cores mid-run and inflate wall time, CPU time much less so. --variants also times other
-quantisation settings (per-tensor weights, QOperator format, reduce_range) for comparison.
+quantisation settings (per-tensor weights, QOperator format, reduce_range) and three rewrites
+of the stem convolution, for comparison; --layers profiles both models with onnxruntime's
+profiler and prints the convolution time per ResNet stage.
 
 On the development machine (AMD EPYC with AVX2 but no VNNI, 2 cores shared with other jobs)
-the shipped int8 model used 1.64-1.85x less CPU time per batch than fp32, at 4.0x smaller;
-wall-time ratios swung between 1.64x and 2.8x with the other jobs' load. About 98 % of int8 time
-is in QLinearConv: without VNNI, onnxruntime's u8s8 kernels (vpmaddubsw) are roughly twice as
-fast as its fp32 convolutions at best, so the 1.9x goal needs a CPU with AVX512-VNNI or
-AVX-VNNI (vpdpbusd). Per-tensor weights, QOperator format and reduce_range do not change this
-(--variants).
+the shipped int8 model ran 1.74-1.90x the fp32 throughput over 10 runs, median 1.78x (CPU-time
+ratios within 0.05 of these), at 4.0x smaller. --layers shows where the rest goes:
+  - the convolutions after the stem run 1.9-2.45x faster in int8: without VNNI, onnxruntime's
+    u8s8 kernels (vpmaddubsw) are about twice as fast as its fp32 convolutions and no more;
+  - the 7x7 stem, with 3 input channels, runs only 1.3-1.5x faster: onnxruntime's direct int8
+    convolution needs a multiple of 4 input channels, so the stem takes the slower im2col path;
+  - int8 adds ~20 ms per batch of 32 (5%) that fp32 does not have: quantising the input and
+    transposing it to channels-last, the separate residual Adds.
+Rewriting the stem does not help (--variants): padded to 4 channels it takes the direct kernel
+but that is no faster with 4 channels per tap; as space-to-depth + 4x4 conv (the same function,
+checked) what the convolution gains, the extra SpaceToDepth and Pad cost; kept in fp32 it is
+slower still. Per-tensor weights, QOperator format and reduce_range change nothing either.
+The 1.9x goal needs a CPU with AVX512-VNNI or AVX-VNNI (vpdpbusd), which was not available.
 
     python benchmarks/bench_int8.py                           # ~2 min on 2 cores
     python benchmarks/bench_int8.py --checkpoint runs/r18/best.pt --calibration data/train
@@ -34,6 +43,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -43,6 +53,9 @@ from fxscore.files import find_images
 from fxscore.images import ImageReadError, read_image
 from fxscore.model import available_cpus, load_model
 from fxscore.preprocess import preprocess
+
+if TYPE_CHECKING:  # onnx comes with the [train] extra; imported where it is used
+    import onnx
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 1.9
@@ -59,7 +72,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=available_cpus())
     ap.add_argument("--repeat", type=int, default=7, help="timed runs of each model [7]")
     ap.add_argument("--variants", action="store_true",
-                    help="also time per-tensor, QOperator and reduce_range quantisations")
+                    help="also time per-tensor, QOperator and reduce_range quantisations, and "
+                         "three rewrites of the 3-channel stem convolution")
+    ap.add_argument("--layers", action="store_true",
+                    help="also profile both models and print convolution time per ResNet stage")
     ap.add_argument("--workdir", type=Path, help="keep the models here")
     args = ap.parse_args()
 
@@ -115,6 +131,9 @@ def main() -> None:
         print(f"int8 / fp32 throughput (median wall time): {ratio:.2f}x "
               f"({'meets' if ratio >= GOAL else 'misses'} the {GOAL}x goal); size "
               f"{fp32.stat().st_size / int8.stat().st_size:.1f}x smaller")
+        if args.layers:
+            print_stages(conv_times(fp32, batch, args.threads, work / "fp32"),
+                         conv_times(int8, batch, args.threads, work / "int8"))
 
 
 def image_batch(files: list[Path], params: Preprocess, n: int) -> np.ndarray:
@@ -176,7 +195,141 @@ def variants(fp32: Path, work: Path, calibration: list[Path], meta: ModelMeta) -
         set_metadata(proto, meta)  # so the scorer's loader takes it like the shipped model
         onnx.save(proto, str(path))
         out[name] = path
+    # The stem (7x7, 3 input channels) is the one convolution int8 barely speeds up here:
+    # 3 channels rule out onnxruntime's direct int8 convolution kernel, which needs a multiple
+    # of 4, so it takes the im2col path. These rewrites try the alternatives.
+    from fxscore.export import quantize
+
+    proto = onnx.load(str(fp32))
+    stems = {"stem padded to 4 channels": stem_padded(proto),
+             "stem as space-to-depth + 4x4 conv": stem_space_to_depth(proto)}
+    for i, (name, rewritten) in enumerate(stems.items()):
+        src, path = work / f"stem{i}.fp32.onnx", work / f"stem{i}.onnx"
+        onnx.save(rewritten, str(src))
+        same_function(fp32, src, calibration, meta)
+        quantize.quantize(src, path, calibration, meta)
+        out[name] = path
+    path = work / "stem-fp32.onnx"
+    stem = next(n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv")
+    quantize_static(str(pre), str(path), ImageCalibrationReader(calibration, meta),
+                    quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=[stem],
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    proto = onnx.load(str(path))
+    set_metadata(proto, meta)
+    onnx.save(proto, str(path))
+    out["int8, stem left in fp32"] = path
     return out
+
+
+def same_function(a: Path, b: Path, files: list[Path], meta: ModelMeta) -> None:
+    """Refuse a rewrite that changes what the fp32 model computes (beyond float rounding)."""
+    batch = image_batch(files, meta.preprocess, 8)
+    pa, pb = load_model(a).predict(batch), load_model(b).predict(batch)
+    if not np.allclose(pa, pb, rtol=0, atol=1e-5):
+        raise SystemExit(f"{b.name}: the stem rewrite changed the fp32 outputs by up to "
+                         f"{np.max(np.abs(pa - pb)):.2e}")
+
+
+def _stem(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.NodeProto, np.ndarray]:
+    """A copy of the model, its stem Conv (the one reading the input) and the stem's weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    g = proto.graph
+    conv = next(n for n in g.node if n.op_type == "Conv" and n.input[0] == g.input[0].name)
+    weight = next(i for i in g.initializer if i.name == conv.input[1])
+    return proto, conv, numpy_helper.to_array(weight)
+
+
+def stem_padded(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Same function, stem reading 4 channels (a zero channel with zero weights) instead of 3."""
+    from onnx import helper, numpy_helper
+
+    proto, conv, w = _stem(proto)
+    g = proto.graph
+    w4 = np.concatenate([w, np.zeros_like(w[:, :1])], axis=1)
+    g.initializer.extend([numpy_helper.from_array(w4, "bench_stem_w4"),
+                          numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 1, 0, 0]),
+                                                  "bench_stem_pads")])
+    pad = helper.make_node("Pad", [conv.input[0], "bench_stem_pads"], ["bench_stem_x4"])
+    conv.input[0], conv.input[1] = "bench_stem_x4", "bench_stem_w4"
+    g.node.insert(list(g.node).index(conv), pad)
+    return proto
+
+
+def stem_space_to_depth(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Same function: the 7x7 stride-2 stem as SpaceToDepth(2) then a 4x4 stride-1 conv on 12
+    channels (the kernel zero-padded to 8x8 and split into its 2x2 phases)."""
+    from onnx import helper, numpy_helper
+
+    proto, conv, w = _stem(proto)
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert w.shape[2:] == (7, 7) and list(attrs["strides"]) == [2, 2], "not a ResNet stem"
+    g = proto.graph
+    out_ch, in_ch = w.shape[:2]
+    w8 = np.zeros((out_ch, in_ch, 8, 8), w.dtype)
+    w8[:, :, :7, :7] = w
+    # SpaceToDepth puts input (c, 2i+dy, 2j+dx) at channel (dy*2+dx)*C + c of pixel (i, j)
+    w_s2d = (w8.reshape(out_ch, in_ch, 4, 2, 4, 2).transpose(0, 3, 5, 1, 2, 4)
+             .reshape(out_ch, 4 * in_ch, 4, 4))
+    g.initializer.extend([numpy_helper.from_array(w_s2d, "bench_stem_w_s2d"),
+                          numpy_helper.from_array(np.array([0, 0, 3, 3, 0, 0, 3, 3]),
+                                                  "bench_stem_pads")])
+    nodes = [helper.make_node("Pad", [conv.input[0], "bench_stem_pads"], ["bench_stem_padded"]),
+             helper.make_node("SpaceToDepth", ["bench_stem_padded"], ["bench_stem_s2d"],
+                              blocksize=2),
+             helper.make_node("Conv", ["bench_stem_s2d", "bench_stem_w_s2d", *conv.input[2:]],
+                              list(conv.output), kernel_shape=[4, 4], name=conv.name + "_s2d")]
+    at = list(g.node).index(conv)
+    g.node.remove(conv)
+    for k, node in enumerate(nodes):
+        g.node.insert(at + k, node)
+    return proto
+
+
+def conv_times(path: Path, batch: np.ndarray, threads: int,
+               prefix: Path) -> dict[tuple[int, int, int], float]:
+    """Milliseconds per batch spent in convolutions, by output (channels, height, width).
+
+    Read from onnxruntime's own profiler, with the scorer's session settings. int8 convolutions
+    run channels-last after onnxruntime's layout transform, so shapes are matched both ways.
+    """
+    import json
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling, options.profile_file_prefix = True, str(prefix)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: batch}
+    runs = 3
+    for _ in range(runs + 1):  # the first run packs weights and is not counted
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    kernel = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+              and "Conv" in e["args"].get("op_name", "")]
+    first_run = len(kernel) // (runs + 1)
+    times: dict[tuple[int, int, int], float] = {}
+    for e in kernel[first_run:]:
+        _, a, b, c = next(iter(e["args"]["output_type_shape"][0].values()))
+        key = (a, b, c) if e["args"]["op_name"] == "Conv" else (c, a, b)
+        times[key] = times.get(key, 0.0) + e["dur"] / 1e3 / runs
+    return times
+
+
+def print_stages(fp32: dict[tuple[int, int, int], float],
+                 int8: dict[tuple[int, int, int], float]) -> None:
+    print(f"\nconvolution time per batch by output shape (onnxruntime profiler)\n"
+          f"{'stage':24s} {'fp32 ms':>9s} {'int8 ms':>9s} {'ratio':>6s}")
+    for key in sorted(fp32, key=lambda k: -k[1]):
+        c, h, w = key
+        name = f"{c} x {h} x {w}" + (" (stem)" if key == max(fp32, key=lambda k: k[1]) else "")
+        print(f"{name:24s} {fp32[key]:9.1f} {int8.get(key, float('nan')):9.1f} "
+              f"{fp32[key] / int8.get(key, float('nan')):5.2f}x")
+    print(f"{'all':24s} {sum(fp32.values()):9.1f} {sum(int8.values()):9.1f} "
+          f"{sum(fp32.values()) / sum(int8.values()):5.2f}x")
 
 
 def cpu_features() -> str:
