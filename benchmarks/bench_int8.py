@@ -51,7 +51,7 @@ import onnxruntime as ort
 from fxscore.contract import ModelMeta, Preprocess
 from fxscore.files import find_images
 from fxscore.images import ImageReadError, read_image
-from fxscore.model import available_cpus, load_model
+from fxscore.model import available_cpus, load_model, session_options
 from fxscore.preprocess import preprocess
 
 if TYPE_CHECKING:  # onnx comes with the [train] extra; imported where it is used
@@ -210,7 +210,7 @@ def variants(fp32: Path, work: Path, calibration: list[Path], meta: ModelMeta) -
         quantize.quantize(src, path, calibration, meta)
         out[name] = path
     path = work / "stem-fp32.onnx"
-    stem = next(n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv")
+    stem = _stem(onnx.load(str(pre)))[1].name
     quantize_static(str(pre), str(path), ImageCalibrationReader(calibration, meta),
                     quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=[stem],
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -292,16 +292,13 @@ def conv_times(path: Path, batch: np.ndarray, threads: int,
                prefix: Path) -> dict[tuple[int, int, int], float]:
     """Milliseconds per batch spent in convolutions, by output (channels, height, width).
 
-    Read from onnxruntime's own profiler, with the scorer's session settings. int8 convolutions
-    run channels-last after onnxruntime's layout transform, so shapes are matched both ways.
+    Read from onnxruntime's own profiler, with the scorer's session settings. onnxruntime's
+    CPU layout transform runs int8 convolutions channels-last, so their shapes are read as NHWC.
     """
     import json
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = session_options(threads)
     options.enable_profiling, options.profile_file_prefix = True, str(prefix)
-    options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: batch}
     runs = 3
@@ -323,9 +320,10 @@ def print_stages(fp32: dict[tuple[int, int, int], float],
                  int8: dict[tuple[int, int, int], float]) -> None:
     print(f"\nconvolution time per batch by output shape (onnxruntime profiler)\n"
           f"{'stage':24s} {'fp32 ms':>9s} {'int8 ms':>9s} {'ratio':>6s}")
+    stem = max(fp32, key=lambda k: k[1])  # the largest output: the stem's, before max-pooling
     for key in sorted(fp32, key=lambda k: -k[1]):
         c, h, w = key
-        name = f"{c} x {h} x {w}" + (" (stem)" if key == max(fp32, key=lambda k: k[1]) else "")
+        name = f"{c} x {h} x {w}" + (" (stem)" if key == stem else "")
         print(f"{name:24s} {fp32[key]:9.1f} {int8.get(key, float('nan')):9.1f} "
               f"{fp32[key] / int8.get(key, float('nan')):5.2f}x")
     print(f"{'all':24s} {sum(fp32.values()):9.1f} {sum(int8.values()):9.1f} "

@@ -131,16 +131,8 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
         raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
 
     names = _provider_names(providers)
-    options = ort.SessionOptions()
-    # Explicit threads: onnxruntime's default is one per *host* core, which oversubscribes
-    # containers and batch-system slots.
-    options.intra_op_num_threads = threads or available_cpus()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: warnings would interleave with our stderr
     try:
-        session = ort.InferenceSession(str(path), options, providers=names)
+        session = ort.InferenceSession(str(path), session_options(threads), providers=names)
     except Exception as e:  # onnxruntime raises its own exception types, all meaning "unusable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model {source} is not a valid ONNX model: {first}") from e
@@ -154,6 +146,19 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
         raise ModelError(str(e)) from e
     _check_graph(session, meta, source)
     return Model(session=session, meta=meta, model_id=model_id, path=path)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The onnxruntime settings every fxscore model is scored with."""
+    options = ort.SessionOptions()
+    # Explicit threads: onnxruntime's default is one per *host* core, which oversubscribes
+    # containers and batch-system slots.
+    options.intra_op_num_threads = threads or available_cpus()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: warnings would interleave with our stderr
+    return options
 
 
 def _provider_names(providers: tuple[str, ...]) -> list[str]:
