@@ -16,8 +16,8 @@ of the stem convolution, for comparison; --layers profiles both models with onnx
 profiler and prints the convolution time per ResNet stage.
 
 On the development machine (AMD EPYC with AVX2 but no VNNI, 2 cores shared with other jobs)
-the shipped int8 model ran 1.74-1.90x the fp32 throughput over 10 runs, median 1.78x (CPU-time
-ratios within 0.05 of these), at 4.0x smaller. --layers shows where the rest goes:
+the shipped int8 model ran 1.74-2.07x the fp32 throughput over 11 runs, median 1.78x (CPU-time
+ratios within 0.05 of these; the 2.07x run had fp32 slowed by other jobs), at 4.0x smaller. --layers shows where the rest goes:
   - the convolutions after the stem run 1.9-2.45x faster in int8: without VNNI, onnxruntime's
     u8s8 kernels (vpmaddubsw) are about twice as fast as its fp32 convolutions and no more;
   - the 7x7 stem, with 3 input channels, runs only 1.3-1.5x faster: onnxruntime's direct int8
