@@ -18,9 +18,9 @@ profiler and prints the convolution time per ResNet stage.
 On the development machine (AMD EPYC with AVX2 but no VNNI, 2 cores shared with other jobs)
 the shipped int8 model ran 1.74-2.07x the fp32 throughput over 11 runs, median 1.78x (CPU-time
 ratios within 0.05 of these; the 2.07x run had fp32 slowed by other jobs), at 4.0x smaller. --layers shows where the rest goes:
-  - the convolutions after the stem run 1.9-2.45x faster in int8: without VNNI, onnxruntime's
+  - the convolutions after the stem run 1.8-2.45x faster in int8: without VNNI, onnxruntime's
     u8s8 kernels (vpmaddubsw) are about twice as fast as its fp32 convolutions and no more;
-  - the 7x7 stem, with 3 input channels, runs only 1.3-1.5x faster: onnxruntime's direct int8
+  - the 7x7 stem, with 3 input channels, runs only 1.2-1.5x faster: onnxruntime's direct int8
     convolution needs a multiple of 4 input channels, so the stem takes the slower im2col path;
   - int8 adds ~20 ms per batch of 32 (5%) that fp32 does not have: quantising the input and
     transposing it to channels-last, the separate residual Adds.
