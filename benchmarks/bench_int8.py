@@ -50,9 +50,9 @@ import onnxruntime as ort
 
 from fxscore.contract import ModelMeta, Preprocess
 from fxscore.files import find_images
-from fxscore.images import ImageReadError, read_image
+from fxscore.images import ImageReadError
 from fxscore.model import available_cpus, load_model, session_options
-from fxscore.preprocess import preprocess
+from fxscore.scoring import model_input
 
 if TYPE_CHECKING:  # onnx comes with the [train] extra; imported where it is used
     import onnx
@@ -137,11 +137,11 @@ def main() -> None:
 
 
 def image_batch(files: list[Path], params: Preprocess, n: int) -> np.ndarray:
-    """n real images through the scorer's preprocessing (cycled if the folder has fewer)."""
+    """n real images through the scorer's reading rule (cycled if the folder has fewer)."""
     xs = []
     for f in files:
         try:
-            xs.append(preprocess(read_image(f), params))
+            xs.append(model_input(f, params))
         except ImageReadError:
             continue
         if len(xs) == n:

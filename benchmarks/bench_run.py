@@ -5,7 +5,10 @@ Prints, in one run on the same images:
   2. `fxscore run` end-to-end throughput (discover, decode, preprocess, score, write CSV) on
      the same 224x224 JPEGs, on large (2000x2500) 16-bit PNGs and on large DICOM files, each
      with its ratio to (1); goal: >= 90 % on the 224x224 JPEGs at the same threads and batch;
-  3. peak RSS of `fxscore run` as a child process on 1k and 10k files.
+  3. peak RSS of `fxscore run` as a child process on 1k and 10k files;
+  4. peak RSS of `fxscore run --workers 8` (and --workers 1) over large images (6000 x 6000 RGB
+     PNGs), printed next to the --max-memory budget: it must stay within the budget plus the
+     process's own footprint, and not grow with the workers.
 
 The model is a ResNet18-sized network: torchvision resnet18 (random weights) + sigmoid,
 exported to a temporary ONNX file with fxscore metadata when torch is importable; otherwise
@@ -31,9 +34,10 @@ from PIL import Image
 from fxscore.cli import cli
 from fxscore.contract import ModelMeta, Preprocess
 from fxscore.files import find_images
-from fxscore.images import read_image
-from fxscore.model import available_cpus, load_model
-from fxscore.preprocess import preprocess
+from fxscore.cpus import available_cpus
+from fxscore.model import load_model
+from fxscore.runner import parse_size
+from fxscore.scoring import model_input
 
 
 def main() -> None:
@@ -50,6 +54,10 @@ def main() -> None:
                     help="alternating bare / end-to-end repeats on 224x224, best kept [3]")
     ap.add_argument("--rss-resnet", type=int, default=64,
                     help="files for the ResNet18 peak-RSS run [64]")
+    ap.add_argument("--huge", type=int, default=8,
+                    help="6000x6000 RGB PNGs for the memory-budget run [8]; 0: skip")
+    ap.add_argument("--max-memory", default="512M",
+                    help="--max-memory of the memory-budget run [512M]")
     ap.add_argument("--workdir", type=Path, help="keep generated files here")
     args = ap.parse_args()
 
@@ -101,6 +109,21 @@ def main() -> None:
             rss, secs = child_peak_rss(folder, model_path, work / "rss-resnet.csv", args)
             print(f"peak RSS, {args.rss_resnet:>6} files     {rss / 2**20:8.1f} MiB  "
                   f"({secs:.1f} s, ResNet18)", flush=True)
+
+        # Memory budget: decoded pixels in flight stay under --max-memory, whatever --workers.
+        if args.huge:
+            folder = make_huge(work / "huge", args.huge)
+            budget = parse_size(args.max_memory)
+            base, _ = child_peak_rss(make_many(work / "many8", 8, small), gap,
+                                     work / "rss-base.csv", args, workers=1)
+            for workers in (1, 8):
+                rss, secs = child_peak_rss(folder, gap, work / f"rss-huge{workers}.csv", args,
+                                           workers=workers, max_memory=args.max_memory)
+                print(f"peak RSS, {args.huge} x 6000x6000 RGB PNG, --workers {workers}: "
+                      f"{rss / 2**20:7.1f} MiB = process {base / 2**20:.0f} MiB + "
+                      f"{(rss - base) / 2**20:.0f} MiB for images; budget --max-memory "
+                      f"{args.max_memory} = {budget / 2**20:.0f} MiB ({secs:.1f} s, GAP model)",
+                      flush=True)
 
 
 def export_resnet18(path: Path) -> Path:
@@ -183,6 +206,21 @@ def write_dicom(path: Path, pixels: np.ndarray) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def make_huge(folder: Path, n: int) -> Path:
+    """n 6000 x 6000 RGB PNGs (~140 MiB of pixels each at the peak of a decode): hard links to
+    one file, each decoded on its own."""
+    if folder.exists():
+        return folder
+    folder.mkdir(parents=True)
+    x = np.arange(6000, dtype=np.uint8)
+    rgb = np.empty((6000, 6000, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = x[None, :], x[:, None], x[None, :] ^ x[:, None]
+    Image.fromarray(rgb).save(folder / "huge000.png", compress_level=1)
+    for i in range(1, n):
+        os.link(folder / "huge000.png", folder / f"huge{i:03d}.png")
+    return folder
+
+
 def make_many(folder: Path, n: int, source: Path) -> Path:
     """n files in 100-file folders, hard links to the source images (cheap to make)."""
     if folder.exists():
@@ -201,7 +239,7 @@ def make_many(folder: Path, n: int, source: Path) -> Path:
 
 def preprocessed_batches(model, folder: Path, batch_size: int) -> list[np.ndarray]:
     params = model.meta.preprocess
-    x = np.stack([preprocess(read_image(p), params) for _, p in find_images(folder)])
+    x = np.stack([model_input(p, params) for _, p in find_images(folder)])
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     model.predict(batches[0])  # warm-up: the first run allocates onnxruntime's arena
     return batches
@@ -220,10 +258,13 @@ def bare_run(model, batches: list[np.ndarray]) -> None:
         model.predict(batch)
 
 
-def run_args(folder: Path, model: Path, out: Path, args) -> list[str]:
+def run_args(folder: Path, model: Path, out: Path, args, workers: int | None = None,
+             max_memory: str | None = None) -> list[str]:
     a = ["run", str(folder), "--model", str(model), "--out", str(out), "--overwrite", "--quiet",
          "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    return a + (["--workers", str(args.workers)] if args.workers else [])
+    workers = workers or args.workers
+    return (a + (["--workers", str(workers)] if workers else [])
+            + (["--max-memory", max_memory] if max_memory else []))
 
 
 def run_cli(folder: Path, model: Path, out: Path, args) -> None:
@@ -243,9 +284,9 @@ LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]
             "sys.exit(rc)")
 
 
-def child_peak_rss(folder: Path, model: Path, out: Path, args) -> tuple[int, float]:
+def child_peak_rss(folder: Path, model: Path, out: Path, args, **run_kw) -> tuple[int, float]:
     """Run `python -m fxscore.cli run` as a child process; its peak RSS (bytes) and wall time."""
-    cmd = [sys.executable, "-m", "fxscore.cli", *run_args(folder, model, out, args)]
+    cmd = [sys.executable, "-m", "fxscore.cli", *run_args(folder, model, out, args, **run_kw)]
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     secs = time.perf_counter() - t

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from torch import nn
 
 from fxscore import __version__
 from fxscore.contract import ContractError, ModelMeta, Preprocess
-from fxscore.fingerprint import sha256_file
+from fxscore.hashing import sha256_file
 from fxscore.model import Model, ModelError, load_model
+from fxscore.modelfile import embed
+from fxscore.train.config import portable_config
 from fxscore.train.model import build_model
 
 from .io import finite_or_none
@@ -52,6 +55,25 @@ class ProbabilityModel(nn.Module):
         return torch.sigmoid(self.logit(x))
 
 
+def _unreadable_why(path: Path, error: Exception) -> str:
+    """Why torch.load failed, in our words (torch's text asks users to file torch issues)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return "it is a zip archive, but not one written by torch.save"
+    if head[:1] != b"\x80":  # every pickle of protocol 2 or later starts with PROTO
+        return "it is neither a torch zip archive nor a pickle"
+    if "weights_only" in str(error) or "WeightsUnpickler" in str(error):
+        return ("it holds Python objects other than tensors and plain values, which fxscore "
+                "does not load (unpickling them could run code)")
+    return f"it is a damaged or foreign pickle ({type(error).__name__})"
+
+
 def load_checkpoint(path: str | Path) -> tuple[ProbabilityModel, dict[str, Any]]:
     """Read a `fxscore train` checkpoint -> (network in eval mode, the checkpoint's other entries)."""
     path = Path(path)
@@ -59,14 +81,15 @@ def load_checkpoint(path: str | Path) -> tuple[ProbabilityModel, dict[str, Any]]
         raise ExportError(f"checkpoint {path} does not exist; pass the best.pt written by "
                           "`fxscore train`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols and asks users to file issues with torch:
+            # not advice for someone who passed the wrong file.
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling, zip and I/O errors all mean "not a checkpoint"
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # torch's weights_only refusal puts the reason on a line of its own, after advice.
-        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
-        raise ExportError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                          f"{reason}). Checkpoints hold only tensors and plain values; export "
-                          "the best.pt written by `fxscore train`") from e
+        raise ExportError(f"{path}: not a `fxscore train` checkpoint: {_unreadable_why(path, e)}."
+                          " Export the best.pt written by `fxscore train` (or give its run "
+                          "folder)") from e
     if not isinstance(ckpt, dict):
         raise ExportError(f"{path}: holds a {type(ckpt).__name__}, not a `fxscore train` checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -111,7 +134,8 @@ def training_summary(ckpt: dict[str, Any], opset: int = OPSET) -> dict[str, Any]
     return {"epoch": ckpt["epoch"], "best_epoch": ckpt["best_epoch"],
             "metrics": ckpt["metrics"], "best_metrics": ckpt["best_metrics"],
             "data_fingerprint": ckpt["data_fingerprint"], "versions": ckpt["versions"],
-            "config": ckpt["config"], "checkpoint_sha256": ckpt["sha256"],
+            # relative to the data root: no folder of the machine that built it
+            "config": portable_config(ckpt["config"]), "checkpoint_sha256": ckpt["sha256"],
             "export": {"fxscore": __version__, "torch": str(torch.__version__),
                        "onnx": onnx.__version__, "python": platform.python_version(),
                        "opset": opset, "ir_version": IR_VERSION}}
@@ -122,7 +146,7 @@ def to_onnx(model: ProbabilityModel, meta: ModelMeta, *, opset: int = OPSET) -> 
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of {OPSETS}")
     if importlib.util.find_spec("onnxscript") is None:  # torch does not depend on it
-        raise ExportError('torch\'s ONNX exporter needs onnxscript: pip install "fxscore[train]" '
+        raise ExportError('torch\'s ONNX exporter needs onnxscript: pip install ".[train]" '
                           "(or pip install onnxscript)")
     h, w = meta.preprocess.input_size
     example = torch.zeros(2, 3, h, w)
@@ -146,12 +170,12 @@ def to_onnx(model: ProbabilityModel, meta: ModelMeta, *, opset: int = OPSET) -> 
 
 
 def set_metadata(proto: onnx.ModelProto, meta: ModelMeta) -> None:
-    """Write the contract's metadata_props into `proto`, replacing any earlier values."""
-    props = meta.to_props()
-    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
-    del proto.metadata_props[:]
-    for key, value in keep + sorted(props.items()):
-        proto.metadata_props.add(key=key, value=value)
+    """Write the contract's metadata and its digest into `proto`, replacing any earlier ones.
+
+    The digest covers the graph and weights as they are now (`fxscore.modelfile`): this must
+    be the last change made to `proto` before it is written.
+    """
+    embed(proto, meta)
 
 
 def _strip_debug_annotations(proto: onnx.ModelProto) -> None:

@@ -2,8 +2,8 @@
 
 (a) Random tensors, batch 1 and batch N, through torch and through the written file.
 (b) Real image files, each through the scorer's complete path (`fxscore.scoring.score_items`:
-    read_image -> preprocess -> onnxruntime on the written file) versus the torch model on the
-    very tensors that path produces.
+    `model_input`, i.e. read_image at reduced scale -> preprocess, then onnxruntime on the
+    written file) versus the torch model on the very tensors that path produces.
 
 Probabilities come from the scorer's own session on the file being shipped. Logits come from a
 second, in-memory copy of the same graph whose pre-sigmoid tensor is declared as an extra
@@ -15,7 +15,7 @@ neither be seen nor be told from noise.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -23,10 +23,9 @@ import onnxruntime as ort
 import torch
 
 from fxscore.contract import ModelMeta
-from fxscore.images import ImageReadError, read_image
-from fxscore.model import Model
-from fxscore.preprocess import preprocess
-from fxscore.scoring import score_items
+from fxscore.images import ImageReadError
+from fxscore.model import Model, session_options
+from fxscore.scoring import model_input, score_items
 
 from .onnx_export import ProbabilityModel
 
@@ -50,10 +49,9 @@ def logit_session(proto: onnx.ModelProto, threads: int | None = None) -> ort.Inf
                           f"({node.op_type if node else 'no node'}); an fxscore graph ends in one")
     copy.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0],
                                                                 onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.log_severity_level = 3
-    return ort.InferenceSession(copy.SerializeToString(), options,
+    # The scorer's own settings (threads, optimisation level): the logits are measured on the
+    # same kernels the probabilities come from.
+    return ort.InferenceSession(copy.SerializeToString(), session_options(threads),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -98,7 +96,8 @@ def random_parity(model: ProbabilityModel, scorer: Model, logits: ort.InferenceS
 
 
 def file_parity(model: ProbabilityModel, scorer: Model, logits: ort.InferenceSession,
-                items: Iterable[tuple[str, Path]], *, batch_size: int = 16) -> dict[str, Any]:
+                items: Iterable[tuple[str, Path]], *, batch_size: int = 16,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """(b) each file through the scorer's complete path vs torch on the same preprocessed tensor.
 
     Files that cannot be read are listed, not compared; the scorer must fail on exactly the
@@ -114,7 +113,7 @@ def file_parity(model: ProbabilityModel, scorer: Model, logits: ort.InferenceSes
         xs = []
         for (name, path), row in zip(chunk, rows):
             try:
-                x = preprocess(read_image(path), meta.preprocess)
+                x = model_input(path, meta.preprocess)  # the scorer's one reading rule
             except ImageReadError as e:
                 unreadable.append({"path": name, "error": " ".join(str(e).split())})
                 if row["probability"] is not None:
@@ -132,6 +131,8 @@ def file_parity(model: ProbabilityModel, scorer: Model, logits: ort.InferenceSes
             t_logit.append(tl)
             t_prob.append(tp)
             o_logit.append(onnx_logits(logits, batch))
+        if progress:  # progress(done, total), for the CLI's bar
+            progress(min(start + CHUNK, len(items)), len(items))
     res: dict[str, Any] = {"found": len(items), "unreadable": unreadable,
                            "reader_mismatch": mismatched}
     if not names:

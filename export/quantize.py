@@ -2,10 +2,24 @@
 
 Static QDQ quantisation with per-channel int8 weights and uint8 activations (the pairing
 onnxruntime's x86 kernels are fastest with), calibrated on real images fed through the scorer's
-own read_image -> preprocess path, so the activation ranges are those the deployed model sees.
+own reading rule (`fxscore.scoring.model_input`), so the activation ranges are those the
+deployed model sees.
 `quant_pre_process` first folds and shape-infers the graph so every Conv gets quantised.
 Whether the result may be shipped is decided on labelled images: the ROC-AUC may drop by at
 most `AUC_DROP_LIMIT`.
+
+Same answer on every x86-64 CPU. onnxruntime multiplies uint8 activations by int8 weights with
+VNNI instructions where the CPU has them (exact int32 sums) and otherwise with AVX2's
+`vpmaddubsw`, which adds two u8 x s8 products into a *saturating* int16: 255 * 127 * 2 = 64770
+does not fit, so full-range int8 weights give other results on a CPU without VNNI (up to 0.098
+in probability, measured on the first default model). Weights are therefore quantised to 7 bits
+(`reduce_range`, -64..64): 255 * 64 * 2 = 32640 always fits, every kernel computes the exact
+integer sums, and the outputs agree across CPUs (proven against an exact reference of the
+quantised graph in the tests, and natively vs. `qemu-x86_64 -cpu Haswell` on VNNI hosts).
+
+Continuous probabilities. The head (`head_nodes`: the global pooling, the final Gemm/MatMul
+and what follows it, Squeeze and Sigmoid) stays in float: quantising it rounds the output to a
+few dozen levels, ties different images exactly and coarsens ROC curves.
 """
 from __future__ import annotations
 
@@ -25,18 +39,19 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from fxscore import metrics
 from fxscore.contract import ModelMeta
 from fxscore.evaluate import Item
-from fxscore.images import ImageReadError, read_image
+from fxscore.images import ImageReadError
 from fxscore.model import Model
-from fxscore.preprocess import preprocess
-from fxscore.scoring import score_items
-
-from .onnx_export import IR_VERSION, set_metadata
+from fxscore.modelfile import embed
+from fxscore.scoring import model_input, score_items
 
 AUC_DROP_LIMIT = 0.01
 CALIBRATION_IMAGES = 200  # MinMax ranges settle after ~100 images; more only costs time
 CALIBRATION_BATCH = 16
 SETTINGS = {"format": "QDQ", "per_channel": True, "weights": "int8", "activations": "uint8",
-            "calibration": "MinMax"}
+            "calibration": "MinMax", "reduce_range": True, "head": "float"}
+HEAD_OPS = ("Gemm", "MatMul")  # the head's linear layer; these may follow it, and precede it:
+AFTER_LINEAR_OPS = ("Sigmoid", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity", "Add")
+POOL_OPS = ("ReduceMean", "GlobalAveragePool", "Reshape", "Flatten", "Squeeze", "Identity")
 
 
 class QuantizeError(RuntimeError):
@@ -58,7 +73,7 @@ class ImageCalibrationReader(CalibrationDataReader):
             f = self.files[self._next]
             self._next += 1
             try:
-                batch.append(preprocess(read_image(f), self.meta.preprocess))
+                batch.append(model_input(f, self.meta.preprocess))  # as the scorer reads
                 self.used.append(f)
             except ImageReadError as e:
                 self.unreadable.append(" ".join(str(e).split()))
@@ -86,11 +101,17 @@ def quantize(fp32_path: Path, dest: Path, calibration: Sequence[Path],
     with tempfile.TemporaryDirectory(prefix="fxscore-int8-") as tmp, _quiet_onnxruntime():
         pre, raw = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(pre))
+        prepared = onnx.load(str(pre))
+        if _name_nodes(prepared):
+            onnx.save(prepared, str(pre))
+        head = head_nodes(prepared)
+        del prepared
         try:
+            # reduce_range: 7-bit weights, exact on VNNI and AVX2 kernels alike (module doc).
             quantize_static(str(pre), str(raw), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            per_channel=True, reduce_range=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
         except Exception as e:
             if not reader.used:  # the quantiser's own message would not say why
                 raise QuantizeError(_no_calibration(calibration, reader)) from e
@@ -98,12 +119,61 @@ def quantize(fp32_path: Path, dest: Path, calibration: Sequence[Path],
         if not reader.used:
             raise QuantizeError(_no_calibration(calibration, reader))
         proto = onnx.load(str(raw))
-    _tidy(proto)
-    set_metadata(proto, meta)
+    _tidy(proto, onnx.load(str(fp32_path), load_external_data=False).ir_version)
+    embed(proto, meta)  # metadata and digest: the last change before the file is written
     onnx.checker.check_model(proto, full_check=True)
     dest.write_bytes(proto.SerializeToString())
-    return {**SETTINGS, "onnxruntime": onnxruntime.__version__,
+    return {**SETTINGS, "onnxruntime": onnxruntime.__version__, "float_nodes": head,
             "calibration_images": len(reader.used), "calibration_unreadable": reader.unreadable}
+
+
+def head_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the head's nodes, output first: what stays in float.
+
+    Walks back from the output along each node's first non-constant input: the sigmoid and
+    shape ops, the linear layer (Gemm/MatMul, with a bias Add), then the global pooling and
+    reshapes that feed it: Sigmoid <- Squeeze <- Gemm <- Reshape <- ReduceMean in an exported
+    fxscore graph. The pooling stays float too: a pooled feature rounded to uint8 moves the
+    logit by a whole step when a float sum (whose order differs between CPUs' kernels) lands
+    on the other side of a rounding boundary.
+    """
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    constant = {i.name for i in graph.initializer}
+    chain: list[onnx.NodeProto] = []
+    linear = False
+    node = producer.get(graph.output[0].name)
+    while node is not None and len(chain) < len(graph.node):
+        allowed = POOL_OPS if linear else (*AFTER_LINEAR_OPS, *HEAD_OPS)
+        if node.op_type not in allowed:
+            break
+        chain.append(node)
+        linear = linear or node.op_type in HEAD_OPS
+        data = [i for i in node.input if i and i not in constant and i in producer
+                and producer[i].op_type != "Constant"]
+        node = producer[data[0]] if data else None
+    if not linear:
+        raise QuantizeError(
+            f"cannot find the head of the graph: no {'/'.join(HEAD_OPS)} on the path to its "
+            f"output ({' <- '.join(n.op_type for n in chain) or 'no nodes'}"
+            f"{' <- ' + node.op_type if node is not None else ''}); an fxscore graph ends in a "
+            "linear layer and a Sigmoid")
+    return [n.name for n in chain]
+
+
+def _name_nodes(proto: onnx.ModelProto) -> bool:
+    """Give every unnamed node a unique name (the quantiser excludes nodes by name)."""
+    taken = {n.name for n in proto.graph.node if n.name}
+    changed = False
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"fxscore_{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            changed = True
+    return changed
 
 
 def _no_calibration(files: Sequence[Path], reader: ImageCalibrationReader) -> str:
@@ -112,8 +182,8 @@ def _no_calibration(files: Sequence[Path], reader: ImageCalibrationReader) -> st
             "--calibration a folder of X-rays")
 
 
-def _tidy(proto: onnx.ModelProto) -> None:
-    """Make the quantiser's output as portable as the fp32 file: pinned IR, only the opsets used.
+def _tidy(proto: onnx.ModelProto, ir_version: int) -> None:
+    """Make the quantiser's output as portable as the fp32 file: its IR, only the opsets used.
 
     The pre-processing step imports every domain onnxruntime knows (ai.onnx.ml 5, training,
     preview, ...), some newer than older onnxruntime releases accept, though no node uses them.
@@ -123,7 +193,7 @@ def _tidy(proto: onnx.ModelProto) -> None:
     del proto.opset_import[:]
     for domain, version in keep:
         proto.opset_import.add(domain=domain, version=version)
-    proto.ir_version = IR_VERSION
+    proto.ir_version = ir_version
     drop = {"onnx.infer", "onnx.quant.pre_process"}  # tool breadcrumbs; the report records them
     keep_props = [(p.key, p.value) for p in proto.metadata_props if p.key not in drop]
     del proto.metadata_props[:]

@@ -18,7 +18,6 @@ the files (audit.json, groups.csv, files.csv).
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -30,7 +29,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from . import csvsafe
 from . import fingerprint as fp
+from . import grouping
 from .files import find_images
 from .images import ImageReadError, image_info, read_image, sniff_format
 
@@ -81,6 +82,8 @@ class Audit:
     shortcuts: list[dict[str, Any]]  # per feature: per-class counts, AUC, warnings
     stats: dict[str, Any] = field(default_factory=dict)
     thumbs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # sha256 -> thumbnail
+    # (sha256, sha256) -> (score, residual) of every pair verified: `fxscore.grouping`
+    verdicts: dict = field(default_factory=dict, repr=False)
 
     @property
     def unreadable(self) -> list[FileRecord]:
@@ -96,7 +99,7 @@ class Audit:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("files", "thumbs")}
+             if f.name not in ("files", "thumbs", "verdicts")}
         d["unreadable"] = [{"path": f.path, "error": f.error} for f in self.unreadable]
         return d
 
@@ -185,17 +188,19 @@ def analyse_file(path: str) -> tuple[np.ndarray | None, dict[str, Any], str]:
 
 def default_workers() -> int:
     """Reader processes: the CPUs this job may use (affinity and cgroup quota)."""
-    from .model import available_cpus
+    from .cpus import available_cpus
 
     return available_cpus()
 
 
 def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | None = None,
-              progress: Progress | None = None, cache: dict | None = None) -> Audit:
+              progress: Progress | None = None, cache: dict | None = None,
+              verdicts: dict | None = None) -> Audit:
     """Audit the images under root (see `discover` for the layouts).
 
     `cache` (sha256 -> analysis) lets a caller audit several folders holding the same contents
-    (a data set, then its clean split) without decoding anything twice.
+    (a data set, then its clean split) without decoding anything twice; `verdicts` (pairs of
+    sha256 -> near-copy verdict, `fxscore.grouping`) without verifying any pair twice.
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -228,8 +233,10 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
                   else np.zeros((0, fp.THUMB, fp.THUMB), np.uint8))
         aspects = [cache[s][1].get("height", 1) / max(1, cache[s][1].get("width", 1))
                    for s in readable]
-        near = fp.near_duplicate_groups(thumbs, aspects, executor=pool if workers > 1 else None,
-                                        progress=progress)
+        verdicts = {} if verdicts is None else verdicts
+        near = grouping.near_duplicate_groups(thumbs, aspects, keys=readable, verdicts=verdicts,
+                                              executor=pool if workers > 1 else None,
+                                              progress=progress)
     t_group = time.perf_counter()
     # content -> root content; unreadable contents are groups of their own (exact copies only)
     root_of = {s: s for s in contents}
@@ -247,7 +254,8 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
         splits=sorted({f.split for f in files}, key=lambda s: (split_rank(s), s)),
         classes=sorted({f.label for f in files if f.label}),
         files=files, groups=_groups(files), leaks=_leaks(files), conflicts=[],
-        shortcuts=shortcut_check(files), thumbs={s: cache[s][0] for s in readable})
+        shortcuts=shortcut_check(files), thumbs={s: cache[s][0] for s in readable},
+        verdicts=verdicts)
     audit.conflicts = [g for g in audit.groups if g["conflict"]]
     dup_files = sum(g["files"] for g in audit.groups)
     audit.stats = {
@@ -257,6 +265,7 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
         "files_in_duplicate_groups": dup_files,
         "exact_duplicate_files": len(files) - len(contents) - sum(1 for f in files if not f.sha256),
         "near_links": len(near.links), "pairs_verified": near.checked,
+        "near_links_refused": len(near.refused),
         "seconds": {"read": round(t_read - t0, 1), "group": round(t_group - t_read, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     }
@@ -390,27 +399,40 @@ def shortcut_check(files: Iterable[FileRecord]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- reporting
 
-def format_summary(audit: Audit, *, max_lines: int = 5) -> str:
-    """The text `fxscore audit` prints: readable in ten seconds, details in --out files."""
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    """'1 group', '2 groups'."""
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+def format_summary(audit: Audit, *, max_lines: int = 5, max_unreadable: int = 20) -> str:
+    """The text `fxscore audit` prints: readable in ten seconds, details in --out files.
+
+    Unreadable files are listed one per line up to `max_unreadable`, then "... and N more".
+    """
     s = audit.stats
-    lines = [f"{audit.root}: {s['files']} files, {s['contents']} distinct contents, "
-             f"{s['groups']} distinct images after near-duplicate grouping "
+    lines = [f"{audit.root}: {_n(s['files'], 'file')}, {_n(s['contents'], 'distinct content')}, "
+             f"{_n(s['groups'], 'distinct image')} after near-duplicate grouping "
              f"({audit.layout} layout; classes: {', '.join(audit.classes) or 'none'})"]
     dup = s["files_in_duplicate_groups"]
-    lines.append(f"duplicates: {dup} files ({dup / max(1, s['files']):.0%}) are in "
-                 f"{s['duplicate_groups']} groups of copies; {s['exact_duplicate_files']} files "
-                 "are byte-identical to another")
+    exact = s["exact_duplicate_files"]
+    lines.append(f"duplicates: {_n(dup, 'file')} ({dup / max(1, s['files']):.0%}) "
+                 f"{'is' if dup == 1 else 'are'} in {_n(s['duplicate_groups'], 'group')} of "
+                 f"copies; {_n(exact, 'file')} {'is' if exact == 1 else 'are'} byte-identical "
+                 "to another")
     if audit.leaks:
         lines.append("leaks (files of the later split with a copy in the earlier one):")
         for lk in audit.leaks:
             lines.append(f"  {lk['earlier']:>5} -> {lk['later']:<5} {lk['leaked']:>5} of "
                          f"{lk['later_files']} ({lk['share']:.0%}): {lk['exact']} exact, "
                          f"{lk['near']} near only")
-        lines.append(f"  {len(audit.leaked_groups)} groups span more than one split")
+        n = len(audit.leaked_groups)
+        lines.append(f"  {_n(n, 'group')} {'spans' if n == 1 else 'span'} more than one split")
     if audit.conflicts:
         exact = sum(1 for g in audit.conflicts if g["exact_conflict"])
-        lines.append(f"label conflicts: {len(audit.conflicts)} groups carry more than one label "
-                     f"({exact} of them the very same bytes)")
+        n = len(audit.conflicts)
+        lines.append(f"label conflicts: {_n(n, 'group')} {'carries' if n == 1 else 'carry'} "
+                     f"more than one label ({exact} of {'it' if n == 1 else 'them'} the very "
+                     "same bytes)")
         for g in audit.conflicts[:max_lines]:
             labels = ", ".join(f"{k} {v}" for k, v in g["labels"].items())
             lines.append(f"  group {g['group']} ({labels}): {', '.join(g['paths'][:3])}"
@@ -420,15 +442,19 @@ def format_summary(audit: Audit, *, max_lines: int = 5) -> str:
         lines.append("one-feature ROC-AUC (0.5 = no shortcut): " + ", ".join(
             f"{c['feature']} {c['auc']:.2f}" for c in audit.shortcuts))
     if warnings:
-        lines.append(f"shortcuts ({len(warnings)} warnings):")
+        lines.append(f"shortcuts ({_n(len(warnings), 'warning')}):")
         lines += [f"  {w}" for w in warnings[:max_lines]]
         if len(warnings) > max_lines:
-            lines.append(f"  ... {len(warnings) - max_lines} more in audit.json")
+            lines.append(f"  ... and {len(warnings) - max_lines} more in audit.json")
     elif audit.classes:
         lines.append("shortcuts: none found (size, colour, format, bit depth)")
     if audit.unreadable:
-        lines.append(f"unreadable: {len(audit.unreadable)} files")
-        lines += [f"  {f.error}" for f in audit.unreadable[:max_lines]]
+        bad = audit.unreadable
+        lines.append(f"unreadable: {_n(len(bad), 'file')}")
+        lines += [f"  {f.error}" for f in bad[:max_unreadable]]
+        if len(bad) > max_unreadable:
+            lines.append(f"  ... and {len(bad) - max_unreadable} more (every file, with its "
+                         "error, is in files.csv: --out DIR)")
     lines.append(f"time: {s['seconds']['total']}s")
     return "\n".join(lines)
 
@@ -444,14 +470,16 @@ def write_report(audit: Audit, out: str | os.PathLike) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "audit.json", out / "groups.csv", out / "files.csv"]
     written[0].write_text(json.dumps(audit.to_dict(), indent=2) + "\n")
-    with open(written[1], "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["group", "files", "contents", "splits", "labels", "conflict", "paths"])
+    # CSV cells through fxscore.csvsafe: formulas in file names neutralised, undecodable bytes
+    # as \xHH, numbers left as numbers; read them back with csvsafe.read_rows
+    with open(written[1], "w", newline="", encoding="utf-8") as fh:
+        csvsafe.write_row(fh, ["group", "files", "contents", "splits", "labels", "conflict",
+                               "paths"])
         for g in audit.groups:
-            w.writerow([g["group"], g["files"], g["contents"],
-                        ";".join(f"{k}:{v}" for k, v in g["splits"].items()),
-                        ";".join(f"{k}:{v}" for k, v in g["labels"].items()),
-                        int(g["conflict"]), ";".join(g["paths"])])
+            csvsafe.write_row(fh, [g["group"], g["files"], g["contents"],
+                                   ";".join(f"{k}:{v}" for k, v in g["splits"].items()),
+                                   ";".join(f"{k}:{v}" for k, v in g["labels"].items()),
+                                   int(g["conflict"]), ";".join(g["paths"])])
     size = Counter(f.group for f in audit.files)
     copies = Counter(f.sha256 for f in audit.files if f.sha256)
     conflicted = {g["group"] for g in audit.conflicts}
@@ -462,9 +490,8 @@ def write_report(audit: Audit, out: str | os.PathLike) -> list[Path]:
     for f in audit.files:
         if f.sha256:
             earlier_sha[f.sha256] = min(earlier_sha.get(f.sha256, 99), split_rank(f.split))
-    with open(written[2], "w", newline="") as fh:
-        w = csv.DictWriter(fh, FILE_COLUMNS)
-        w.writeheader()
+    with open(written[2], "w", newline="", encoding="utf-8") as fh:
+        csvsafe.write_row(fh, FILE_COLUMNS)
         for f in audit.files:
             rank = split_rank(f.split)
             if f.split and f.sha256 and earlier_sha[f.sha256] < rank:
@@ -477,5 +504,5 @@ def write_report(audit: Audit, out: str | os.PathLike) -> list[Path]:
             row.update(group_files=size[f.group], exact_copies=copies.get(f.sha256, 1) - 1,
                        copy_in_earlier_split=leak, label_conflict=int(f.group in conflicted),
                        colour=int(f.colour))
-            w.writerow(row)
+            csvsafe.write_row(fh, [row.get(k) for k in FILE_COLUMNS])
     return written

@@ -153,6 +153,48 @@ def threshold_for_sensitivity(y_true, y_score, target: float) -> float:
     return float(pos[k - 1])
 
 
+def threshold_for_specificity(y_true, y_score, target: float) -> float:
+    """The lowest threshold whose specificity on this data is >= target.
+
+    At least k = ceil(target * N) negatives must score below the threshold, so it must lie
+    above the k-th lowest negative score; the lowest such threshold that is a score on this
+    data is the next distinct score above it (any class). When none is above, the threshold
+    is just above the highest score (every image is called negative).
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target specificity must be in (0, 1], got {target}")
+    t, s = _arrays(y_true, y_score)
+    neg = np.sort(s[~t])
+    if neg.size == 0:
+        raise ValueError("no negative examples: specificity is undefined")
+    k = max(1, math.ceil(target * neg.size - 1e-9))  # same tolerance as for sensitivity
+    above = s[s > neg[k - 1]]
+    return float(above.min()) if above.size else float(np.nextafter(neg[k - 1], np.inf))
+
+
+def shortest_threshold(y_score, threshold: float, max_digits: int = 6) -> float:
+    """The decimal with the fewest digits that makes the same calls as `threshold` on y_score.
+
+    Every threshold in (highest score below it, lowest score at or above it] calls the same
+    images positive; a user types 0.37 more readily than 0.3712345678. Returns `threshold`
+    itself when no decimal of at most max_digits digits lies in that interval.
+    """
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    below, at_or_above = s[s < threshold], s[s >= threshold]
+    lo = float(below.max()) if below.size else 0.0
+    hi = float(at_or_above.min()) if at_or_above.size else 1.0
+    if threshold > hi or threshold <= lo:  # outside the scores' range: keep it as given
+        return float(threshold)
+    for digits in range(0, max_digits + 1):
+        scale = 10 ** digits
+        candidate = math.floor(lo * scale) / scale
+        while candidate <= lo:  # the first decimal of this length above lo
+            candidate = round(candidate + 1 / scale, digits)
+        if lo < candidate <= hi:
+            return float(candidate)
+    return float(threshold)
+
+
 def _resample_weights(rng: np.random.Generator, n_rows: int, cluster: np.ndarray,
                       n_clusters: int) -> np.ndarray:
     """(n_rows, N) draw counts: n_clusters clusters drawn with replacement, per row.

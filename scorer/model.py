@@ -1,26 +1,35 @@
 """Loading an fxscore ONNX model into onnxruntime, with everything checked before any file is read.
 
-A model that is missing, is not ONNX, carries no fxscore metadata, or whose graph disagrees with
-its metadata fails here with a `ModelError` naming the file and the fix, not halfway through a
-night's batch job.
+A model that is missing, is not ONNX, carries no fxscore metadata, whose metadata holds a number
+out of range, whose digest does not match its contents, or whose graph disagrees with its
+metadata fails here with a `ModelError` naming the file and the fix, not halfway through a
+night's batch job. The file is read once: the bytes hashed (model id, digest, the packaged
+model's pin) are the bytes onnxruntime runs.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ContractError, ModelMeta
-from .fingerprint import sha256_file
+from . import modelfile
+from .contract import ContractError, ModelMeta, metadata_dict
+from .cpus import available_cpus  # noqa: F401 - re-exported: fxscore.model.available_cpus
+from .hashing import sha256_bytes
+from .models import DEFAULT_SHA256
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 MODEL_ENV = "FXSCORE_MODEL"
 DEFAULT_MODEL = "default.onnx"  # inside the fxscore.models package
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MAX_MODEL_BYTES = 2 << 30  # protobuf's limit for one ONNX file; fxscore models are single files
 
 
 class ModelError(Exception):
@@ -33,68 +42,66 @@ class Model:
     meta: ModelMeta
     model_id: str  # first 12 hex digits of the file's sha256: ties every output row to a model
     path: Path
+    verified: bool = False  # its digest matched, or it is the pinned packaged default model
+    integrity: str = "unverified"  # one line for the user: how (or whether) it was verified
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """NCHW float32 batch -> probability of the positive class, shape [N]."""
-        out = self.session.run(None, {self.meta.input_name: batch})[0]
+        """NCHW float32 batch -> probability of the positive class, shape [N].
+
+        Anything but a probability (a NaN, an infinity, a value outside [0, 1]) is a ModelError:
+        such a model would write numbers that look like scores and label them.
+        """
+        # Only the probability is fetched: a model with heatmap outputs costs what it did.
+        name = self.meta.outputs.get("probability") or self.session.get_outputs()[0].name
+        out = self.session.run([name], {self.meta.input_name: batch})[0]
+        return self.check_probabilities(out, len(batch))
+
+    def predict_with(self, batch: np.ndarray, roles: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Like `predict`, fetching only the outputs named by `roles` ("probability",
+        "feature_map", "pooled", "ood_score"; `fxscore.graph_outputs`) -> {role: array}.
+
+        A role this model lacks raises `graph_outputs.MissingOutput`, naming the fix.
+        """
+        from .graph_outputs import run_outputs
+
+        return run_outputs(self, batch, roles)
+
+    def check_probabilities(self, out: np.ndarray, n: int) -> np.ndarray:
+        """The graph's probability output for a batch of `n` -> shape [N], or a ModelError."""
         out = np.asarray(out, dtype=np.float32)
-        if out.size != len(batch):
+        if out.size != n:
             raise ModelError(f"{self.path}: model returned shape {out.shape} for a batch of "
-                             f"{len(batch)}; an fxscore model returns one probability per image")
-        return out.reshape(len(batch))
+                             f"{n}; an fxscore model returns one probability per image")
+        out = out.reshape(n)
+        bad = ~((out >= 0) & (out <= 1))  # NaN fails both comparisons
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ModelError(_not_a_probability(self.path, float(out[i]), i, n))
+        return out
 
     def label(self, probability: float) -> str:
         meta = self.meta
         return meta.positive_class if probability >= meta.threshold else meta.negative_class
 
 
-def available_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+def _not_a_probability(path: Path, value: float, index: int, n: int) -> str:
+    where = f"image {index + 1} of a batch of {n}"
+    if np.isfinite(value):
+        why = ("the graph returns logits, not probabilities (an fxscore graph ends in a "
+               "Sigmoid)")
+    else:
+        why = ("the graph's arithmetic is broken (NaN or infinite weights), or it returns "
+               "logits, not probabilities")
+    return (f"model {path} returned {value:g} for {where}, not a probability in [0, 1]: {why}; "
+            "re-export it with `fxscore export`. No score was written for this batch")
 
-    os.cpu_count() reports the host's cores; in a container limited to 2 CPUs on a 64-core node,
-    64 onnxruntime threads would fight over 2 CPUs and run several times slower.
+
+def packaged_model() -> tuple[Traversable, str]:
+    """(where the packaged default model is, the sha256 this release pins for it).
+
+    A function so that tests can point the loader at a copy.
     """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        n = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    if quota is not None:
-        n = min(n, max(1, math.ceil(quota)))
-    return max(1, n)
-
-
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"),
-                     self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
-    """The tightest CPU quota (in CPUs) on this process's cgroup; None if unlimited or unknown.
-
-    cgroup v2: `cpu.max` of this process's cgroup and of every ancestor (a container sees its
-    own cgroup at the root; a batch job on a host sits deeper). cgroup v1: the cfs files.
-    """
-    quotas = []
-    try:
-        rel = next((line.split("::", 1)[1].strip() for line in self_cgroup.read_text().splitlines()
-                    if line.startswith("0::")), "/")
-    except OSError:
-        rel = "/"
-    folder = root / rel.lstrip("/")
-    for f in [folder, *folder.parents]:
-        try:
-            quota, period = (f / "cpu.max").read_text().split()[:2]
-            if quota != "max":
-                quotas.append(int(quota) / int(period))
-        except (OSError, ValueError):
-            pass
-        if f == root:
-            break
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        if quota > 0 and period > 0:
-            quotas.append(quota / period)
-    except (OSError, ValueError):
-        pass
-    return min(quotas, default=None)
+    return resources.files("fxscore.models") / DEFAULT_MODEL, DEFAULT_SHA256
 
 
 def load_model(path: str | Path | None = None, *, providers: tuple[str, ...] = ("cpu",),
@@ -102,7 +109,8 @@ def load_model(path: str | Path | None = None, *, providers: tuple[str, ...] = (
     """Open an fxscore ONNX model: `path`, else $FXSCORE_MODEL, else the packaged default model.
 
     `providers` are short names ("cpu", "cuda") or onnxruntime provider names; `threads` is the
-    intra-op thread count (default: `available_cpus()`).
+    intra-op thread count (default: `available_cpus()`). A format-version-2 model's digest is
+    verified; the packaged default model must match the sha256 pinned in this release.
     """
     if path is None and os.environ.get(MODEL_ENV):
         path = os.environ[MODEL_ENV]
@@ -111,28 +119,38 @@ def load_model(path: str | Path | None = None, *, providers: tuple[str, ...] = (
         source = str(path)
     if path is not None:
         return _load(Path(path), source, providers, threads)
-    packaged = resources.files("fxscore.models") / DEFAULT_MODEL
+    packaged, pinned = packaged_model()
     if not packaged.is_file():
         raise ModelError(f"no model given and this fxscore has no packaged default model: pass "
                          f"--model PATH (an ONNX file made by `fxscore export`) or set {MODEL_ENV}")
     with resources.as_file(packaged) as p:
-        return _load(Path(p), f"packaged default model {p}", providers, threads)
+        return _load(Path(p), f"packaged default model {p}", providers, threads, pinned=pinned)
 
 
-def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | None) -> Model:
+def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | None,
+          pinned: str | None = None) -> Model:
     if not path.exists():
         raise ModelError(f"model {source} does not exist; pass --model PATH to an ONNX file "
                          "made by `fxscore export`")
     if not path.is_file():
         raise ModelError(f"model {source} is not a file")
     try:
-        model_id = sha256_file(path)[:12]
+        if path.stat().st_size > MAX_MODEL_BYTES:
+            raise ModelError(f"model {source} is larger than 2 GiB, which no single-file ONNX "
+                             "model can be; pass the model.onnx written by `fxscore export`")
+        data = path.read_bytes()
     except OSError as e:
         raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
+    sha256 = sha256_bytes(data)
+    if pinned is not None and sha256 != pinned:
+        raise ModelError(f"{source}: its sha256 {sha256[:16]}... is not the {pinned[:16]}... "
+                         "this fxscore release pins for its default model, so the installation "
+                         "is damaged or was modified. Reinstall fxscore (pip install "
+                         "--force-reinstall), or pass --model PATH")
 
     names = _provider_names(providers)
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=names)
+        session = ort.InferenceSession(data, session_options(threads), providers=names)
     except Exception as e:  # onnxruntime raises its own exception types, all meaning "unusable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model {source} is not a valid ONNX model: {first}") from e
@@ -141,11 +159,23 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
                          "installed and a GPU visible?); use --provider cpu")
 
     try:
-        meta = ModelMeta.from_props(session.get_modelmeta().custom_metadata_map, source)
+        props = modelfile.read_props(data)
+        meta = ModelMeta.from_props(props, f"model {source}")
+        if meta.format_version >= 2:
+            digest = modelfile.check_digest(data, metadata_dict(props))
+            integrity = f"verified: digest {digest[:23]}... matches"
+        else:
+            integrity = ("unverified: format version 1 carries no digest (re-export it with "
+                         "this fxscore to add one)")
     except ContractError as e:
-        raise ModelError(str(e)) from e
+        message = str(e) if str(e).startswith("model ") else f"model {source}: {e}"
+        raise ModelError(message) from e
+    if pinned is not None:
+        integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
+    verified = integrity.startswith("verified")
     _check_graph(session, meta, source)
-    return Model(session=session, meta=meta, model_id=model_id, path=path)
+    return Model(session=session, meta=meta, model_id=sha256[:12], path=path,
+                 verified=verified, integrity=integrity)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -192,6 +222,12 @@ def _check_graph(session: ort.InferenceSession, meta: ModelMeta, source: str) ->
     if isinstance(shape[0], int):
         raise ModelError(f"model {source}: batch size is fixed to {shape[0]}; export it with a "
                          "dynamic batch axis (fxscore export does)")
+    from .graph_outputs import OutputsError, check_session_outputs
+
+    try:
+        check_session_outputs((o.name for o in session.get_outputs()), meta.outputs, source)
+    except OutputsError as e:
+        raise ModelError(str(e)) from None
     out = list(session.get_outputs()[0].shape)
     if len(out) not in (1, 2) or (len(out) == 2 and isinstance(out[1], int) and out[1] != 1):
         raise ModelError(f"model {source}: output shape {out} is not [N] or [N, 1] "

@@ -8,7 +8,6 @@ GUI backend or global figure state is involved.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as dt
 import html
 import io
@@ -19,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, csvsafe
+from .atomicfile import write_files
 from .evaluate import Evaluation
+from .info import model_pairs
+from .membership import copies_sentence
 from .metrics import CI_METRICS
 
 POINT_LABELS = {"accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)",
@@ -28,6 +30,7 @@ POINT_LABELS = {"accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)",
                 "f1": "F1"}
 POS_COLOUR, NEG_COLOUR = "#c0392b", "#2471a3"
 POINT_STYLE = {"model": dict(marker="o", color="#111111"),
+               "target_specificity": dict(marker="s", color="#8e44ad"),
                "target": dict(marker="D", color="#e67e22")}
 
 
@@ -49,7 +52,24 @@ def _point_title(name: str, point: dict[str, Any]) -> str:
     if name == "target":
         return (f"target sensitivity {_f(point['target_sensitivity'], 2)} "
                 f"(threshold {point['threshold']:.4g})")
+    if name == "target_specificity":
+        return (f"target specificity {_f(point['target_specificity'], 2)} "
+                f"(threshold {point['threshold']:.4g})")
+    if point.get("source") == "--threshold":
+        return f"threshold {_f(point['threshold'], 3)} (--threshold)"
     return f"model threshold {_f(point['threshold'], 3)}"
+
+
+def _threshold_text(m: dict[str, Any]) -> str:
+    """The threshold in effect, and where it came from when it is not the model's own."""
+    t = m.get("threshold") or {"value": m["model"]["threshold"], "source": "model"}
+    if t["source"] == "--threshold":
+        return f"threshold {_f(t['value'])} (--threshold; the model's own is {_f(t['model'])})"
+    return f"threshold {_f(t['value'])}"
+
+
+def _files(n: int, word: str = "file") -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _reason(failed: dict[str, Any]) -> str:
@@ -65,17 +85,26 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
     """The stdout report: scikit-learn's classification report, confusion matrix and the rest."""
     m = ev.metrics
     model, data = m["model"], m["data"]
-    lines = [f"model {model['model_name']} v{model['model_version']} (id {model['model_id']}), "
-             f"positive class '{m['positive_class']}', threshold {_f(model['threshold'])}",
+    at_threshold = m["operating_points"]["model"]["threshold"]
+    lines = [f"model {model['model_name']}, version {model['model_version']} (id "
+             f"{model['model_id']}), positive class '{m['positive_class']}', {_threshold_text(m)}",
              f"data  {data['files']} files in {data['root']}: "
              + ", ".join(f"{c} {v['files']}" for c, v in data["per_class"].items())
              + (f"; {data['unreadable']} unreadable, metrics use the {data['readable']} readable"
                 if data["unreadable"] else "")
              + (f"; {data['ignored']} non-image files ignored" if data.get("ignored") else "")
-             + (f"; labels from {data['labels_csv']}" if data["source"] == "labels" else ""),
+             + (f"; labels from {data['labels_csv']}" if data["source"] == "labels" else "")
+             + (f"; {_files(data['unlabelled'], 'image file')} without a label row not "
+                "evaluated" if data.get("unlabelled") else ""),
              ""]
+    if data.get("one_class"):
+        lines[-1:] = [f"only '{data['one_class']}' images are readable here: metrics that need "
+                      "both classes are n/a", ""]
+    copies = copies_sentence(m)  # images the model was trained on (fxscore.membership)
+    if copies:
+        lines[-1:] = [copies, ""]
 
-    lines += [f"Classification report (threshold {_f(model['threshold'])})",
+    lines += [f"Classification report (threshold {_f(at_threshold)})",
               m["classification_report_text"].rstrip(), ""]
 
     cm = m["confusion_matrix"]
@@ -119,7 +148,8 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
                      + "; thresholds held fixed.")
     failed = m["unreadable_files"]
     if failed:
-        lines.append(f"{len(failed)} file(s) could not be read and are not in the metrics:")
+        lines.append(f"{_files(len(failed))} could not be read and "
+                     f"{'is' if len(failed) == 1 else 'are'} not in the metrics:")
         lines += [f"  {f['path']}: {_reason(f)}" for f in failed[:max_failed]]
         if len(failed) > max_failed:
             lines.append(f"  ... and {len(failed) - max_failed} more (see predictions.csv)")
@@ -149,26 +179,43 @@ def metrics_json(ev: Evaluation) -> str:
     return json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n"
 
 
-def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
-    """`fxscore run`'s CSV columns, values written the same way, plus true_label."""
-    from .output import COLUMNS, csv_cells
+PREDICTION_COLUMNS_EXTRA = ("true_label",)
 
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow((*COLUMNS, "true_label"))
-        for row in rows:
-            w.writerow(csv_cells(row) + [row["true_label"]])
+
+def predictions_csv(rows: list[dict[str, Any]]) -> str:
+    """predictions.csv: `fxscore run`'s columns, values written the same way, plus true_label.
+
+    Text cells go through `fxscore.csvsafe` like every CSV fxscore writes (formulas
+    neutralised, undecodable bytes as \\xHH), so `--labels`/`--groups` read the paths back
+    exactly.
+    """
+    from .output import FIXED_COLUMNS, csv_cells, header_line
+
+    lines = [header_line((*FIXED_COLUMNS, *PREDICTION_COLUMNS_EXTRA))]
+    lines += [csvsafe.format_row(csv_cells(row) + [csvsafe.text(row["true_label"])])
+              for row in rows]
+    return "".join(lines)
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write predictions.csv atomically (see `predictions_csv`)."""
+    write_files({path: predictions_csv(rows)})
 
 
 def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
-    """Write predictions.csv, metrics.json and report.html into out_dir (created if needed)."""
+    """Write predictions.csv, metrics.json and report.html into out_dir (created if needed).
+
+    All three are written to temporary files first and renamed into place only when every one
+    is complete (`fxscore.atomicfile`): a full disk leaves the previous report, never a 0-byte
+    or half-written one.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json",
              "report": out / "report.html"}
-    write_predictions(paths["predictions"], ev.rows)
-    paths["metrics"].write_text(metrics_json(ev), encoding="utf-8")
-    paths["report"].write_text(render_html(ev), encoding="utf-8", errors="backslashreplace")
+    page = render_html(ev).encode("utf-8", "backslashreplace")  # undecodable names, visibly
+    write_files({paths["predictions"]: predictions_csv(ev.rows),
+                 paths["metrics"]: metrics_json(ev), paths["report"]: page})
     return paths
 
 
@@ -198,6 +245,10 @@ def _png(fig) -> str:
 def _short_title(name: str, p: dict[str, Any]) -> str:
     if name == "target":
         return f"sensitivity >= {p['target_sensitivity']:g} (threshold {p['threshold']:.3g})"
+    if name == "target_specificity":
+        return f"specificity >= {p['target_specificity']:g} (threshold {p['threshold']:.3g})"
+    if p.get("source") == "--threshold":
+        return f"threshold {p['threshold']:.3f} (--threshold)"
     return f"model threshold {p['threshold']:.3f}"
 
 
@@ -208,10 +259,23 @@ def _mark_points(ax, m: dict[str, Any], xy) -> None:
                 label=_short_title(name, p), **POINT_STYLE[name])
 
 
+def _needs_both_classes(title: str) -> str:
+    """An empty panel saying why: a one-class evaluation has no ROC or PR curve."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, "needs images of both classes", ha="center", va="center",
+            color="#6b7280")
+    ax.set(xticks=[], yticks=[], title=title)
+    _style(ax)
+    return _png(fig)
+
+
 def roc_figure(ev: Evaluation) -> str:
     from sklearn.metrics import roc_curve
 
     y, s = ev.arrays()
+    if y.min() == y.max():
+        return _needs_both_classes("ROC curve")
     fpr, tpr, _ = roc_curve(y, s)
     fig = _figure()
     ax = fig.add_subplot()
@@ -230,6 +294,8 @@ def pr_figure(ev: Evaluation) -> str:
     from sklearn.metrics import precision_recall_curve
 
     y, s = ev.arrays()
+    if y.min() == y.max():
+        return _needs_both_classes("Precision-recall curve")
     precision, recall, _ = precision_recall_curve(y, s)
     fig = _figure()
     ax = fig.add_subplot()
@@ -435,6 +501,9 @@ def _score_summary_html(ev: Evaluation) -> str:
     neg = next(c for c in ev.class_names if c != ev.positive_class)
     rows = []
     for mask, label in ((y == 1, ev.positive_class), (y == 0, neg)):
+        if not mask.any():  # a one-class evaluation
+            rows.append([_e(label), "0"] + ["n/a"] * 6)
+            continue
         q = np.percentile(s[mask], [5, 25, 50, 75, 95])
         rows.append([_e(label), str(int(mask.sum())), _f(float(s[mask].mean()))]
                     + [_f(float(v)) for v in q])
@@ -467,18 +536,15 @@ def render_html(ev: Evaluation) -> str:
     warn = (f'<div class="warn"><b>{data["unreadable"]} of {data["files"]} files could not be '
             f'read.</b> The metrics are computed on the {data["readable"]} readable files; the '
             f'unreadable ones are listed at the end.</div>' if data["unreadable"] else "")
+    copies = m.get("training_copies") or {}
+    if copies.get("exact") or copies.get("near"):
+        warn += f'<div class="warn"><b>Training copies.</b> {_e(copies_sentence(m))}</div>'
 
-    model_rows = [("name", _e(model["model_name"])), ("version", _e(model["model_version"])),
-                  ("model id", f'<span class="mono">{_e(model["model_id"])}</span>'),
-                  ("file", f'<span class="mono">{_e(model["path"])}</span>'),
-                  ("classes", _e(", ".join(model["class_names"]))),
-                  ("positive class", _e(model["positive_class"])),
-                  ("threshold", _f(model["threshold"], 4)),
-                  ("input", f'{model["input_size"][0]} x {model["input_size"][1]} px, '
-                            f'{_e(model["resize"])} resize'),
-                  ("normalisation", _e(f'mean {model["mean"]}, std {model["std"]}'))]
-    model_rows += [(f"training: {k}", _e(v if isinstance(v, str) else json.dumps(v)))
-                   for k, v in (model.get("training") or {}).items()]
+    # The same readable rows as `fxscore info` (fxscore.info), not the raw metadata.
+    model_rows = [(label, _e(text)) for label, text in model_pairs(model)]
+    if (m.get("threshold") or {}).get("source") == "--threshold":
+        model_rows = [(k, v if k != "threshold" else _e(_threshold_text(m).split(" ", 1)[1]))
+                      for k, v in model_rows]
 
     class_rows = [[_e(c), str(v["files"]), str(v["readable"]), str(v["unreadable"])]
                   for c, v in data["per_class"].items()]
@@ -491,6 +557,8 @@ def render_html(ev: Evaluation) -> str:
                                   f'<span class="mono">{_e(data["groups_csv"])}</span>'))
     if data.get("ignored"):
         data_kv.append(("ignored", f'{data["ignored"]} non-image file(s) in the class folders'))
+    if copies_sentence(m):
+        data_kv.append(("training copies", _e(copies_sentence(m))))
 
     rank_rows = [[label, _f(m[k]["value"]), _ci_cell(m[k]["ci"])] for k, label in
                  (("roc_auc", "ROC-AUC"), ("average_precision", "Average precision"))]
@@ -528,7 +596,7 @@ def render_html(ev: Evaluation) -> str:
 <style>{CSS}</style></head>
 <body>
 <header><div class="in"><div class="brand">fxscore evaluation report</div>
-<h1>{_e(model['model_name'])} v{_e(model['model_version'])} on {_e(Path(data['root']).name)}</h1>
+<h1>{_e(model['model_name'])}, version {_e(model['model_version'])}, on {_e(Path(data['root']).name)}</h1>
 <p>model {_e(model['model_id'])} &middot; {data['files']} files &middot; positive class
 '{_e(m['positive_class'])}' &middot; {_e(created)}</p></div></header>
 <main>
@@ -546,7 +614,7 @@ def render_html(ev: Evaluation) -> str:
 above the threshold.{target_note} {_e(boot_note)}</p></section>
 <div class="grid2 row">
 <section><h2>Confusion matrix</h2>{_confusion_html(m)}
-<p class="note">At the model threshold {_f(model['threshold'])}; rows are the true classes.</p>
+<p class="note">At the {_e(_threshold_text(m))}; rows are the true classes.</p>
 </section>
 <section><h2>Classification report</h2>{_classification_html(m)}
 <p class="note">scikit-learn's classification report at the model threshold.</p></section>
@@ -569,6 +637,7 @@ A calibrated model lies on the diagonal.</p></section>
 <div>{_score_summary_html(ev)}
 <p class="note">Predicted probability of '{_e(m['positive_class'])}' by true class
 (p5..p95: percentiles).</p></div></div></section>
+{getattr(ev, "gallery_html", "")}
 <section><h2>Files that could not be read ({len(failed)})</h2>{failed_html}</section>
 </main>
 <footer>fxscore {_e(__version__)} &middot; all figures and styles are inside this file</footer>

@@ -23,7 +23,6 @@ Files are hard-linked (no extra disk), copied where linking fails (another file 
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from . import csvsafe
 from . import fingerprint as fp
 from .audit import Audit, FileRecord, Progress, default_workers, split_rank
 
@@ -289,15 +289,15 @@ def write_split(plan: SplitPlan, data: str | os.PathLike, out: str | os.PathLike
         dst = out / p.path
         dst.parent.mkdir(parents=True, exist_ok=True)
         how[_link_or_copy(data / p.source, dst)] += 1
-    with open(out / "manifest.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(MANIFEST_COLUMNS)
-        for p in sorted(plan.placed, key=lambda p: p.path):
-            w.writerow([p.path, p.split, p.label, p.group, p.sha256, p.source])
-    with open(out / "excluded.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, ("source", "reason", "group", "sha256"))
-        w.writeheader()
-        w.writerows(plan.excluded)
+    # through fxscore.csvsafe like every CSV fxscore writes; `read_manifest` undoes it
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        csvsafe.write_rows(fh, MANIFEST_COLUMNS,
+                           ([p.path, p.split, p.label, p.group, p.sha256, p.source]
+                            for p in sorted(plan.placed, key=lambda p: p.path)))
+    excluded_columns = ("source", "reason", "group", "sha256")
+    with open(out / "excluded.csv", "w", newline="", encoding="utf-8") as fh:
+        csvsafe.write_rows(fh, excluded_columns,
+                           ([e.get(k) for k in excluded_columns] for e in plan.excluded))
     from . import __version__
 
     summary = {
@@ -308,6 +308,16 @@ def write_split(plan: SplitPlan, data: str | os.PathLike, out: str | os.PathLike
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a split's manifest.csv (or excluded.csv), cells as they were before writing.
+
+    Paths come back exactly (csvsafe undoes formula neutralising and \\xHH escapes), so they
+    name the laid-out files and match `fxscore eval`'s predictions.csv.
+    """
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csvsafe.read_dicts(fh))
 
 
 def _kind(reason: str) -> str:

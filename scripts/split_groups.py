@@ -6,8 +6,11 @@
 Paths are relative to CLEAN/<split>/, as `fxscore eval CLEAN/<split>` names them, so the
 bootstrap resamples whole groups of near-duplicate images.
 """
-import csv
+import io
 import sys
+
+from fxscore import csvsafe
+from fxscore.split import read_manifest
 
 
 def main() -> int:
@@ -15,12 +18,13 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     clean, split = sys.argv[1], sys.argv[2]
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(["path", "group"])
-    with open(f"{clean}/manifest.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["split"] == split:
-                out.writerow([row["path"].split("/", 1)[1], row["group"]])
+    # csvsafe both ways: paths with commas, newlines, formulas or undecodable bytes survive
+    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    csvsafe.write_row(out, ["path", "group"])
+    for row in read_manifest(f"{clean}/manifest.csv"):
+        if row["split"] == split:
+            csvsafe.write_row(out, [row["path"].split("/", 1)[1], row["group"]])
+    out.flush()
     return 0
 
 

@@ -302,3 +302,34 @@ def test_planted_near_copies_are_all_found_and_distinct_images_stay_apart(tmp_pa
 PLANTED = {kind: COPIES[kind] for kind in (
     "rotate90", "rotate180", "flip", "half_size", "jpeg_q70", "rotate_5", "crop_5pc",
     "brighter_flatter", "rotate_-10")}
+
+
+def test_report_csvs_neutralise_formulas_and_round_trip_names(tmp_path):
+    """Built without images: names with formulas, CR/LF, commas and undecodable bytes."""
+    import io
+    import os
+
+    from fxscore import csvsafe
+
+    names = ["=HYPERLINK(\"evil\",\"x\").png", "@SUM(1).png", "-600.png", "with,comma\r.png",
+             "new\nline.png", os.fsdecode(b"caf\xe9.png"), "'q.png"]
+    files = [A.FileRecord(path=n, split="", label="", sha256=f"{i:064x}", bytes=10 + i,
+                          format="PNG", width=-1 if i == 2 else 8, height=8, mode="L", group=1)
+             for i, n in enumerate(names)]
+    group = {"group": 1, "files": len(names), "contents": len(names), "splits": {"": 7},
+             "labels": {"": 7}, "conflict": False, "paths": names}
+    audit = A.Audit(root=str(tmp_path), layout="tree", splits=[], classes=[], files=files,
+                    groups=[group], leaks=[], conflicts=[], shortcuts=[])
+    written = A.write_report(audit, tmp_path / "out")
+    for p in written[1:]:
+        raw = p.read_bytes().decode("utf-8")  # valid UTF-8
+        cells = [c for r in csv.reader(io.StringIO(raw, newline="")) for c in r]
+        assert not [c for c in cells if c.startswith(("=", "@", "+", "\t", "\r"))], p.name
+    with open(written[2], newline="", encoding="utf-8") as f:
+        rows = list(csvsafe.read_dicts(f))
+    assert [r["path"] for r in rows] == names
+    assert rows[2]["width"] == "-1"  # a number stays a number, not "'-1"
+    with open(written[2], newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f))[3][0] == "'-600.png"
+    with open(written[1], newline="", encoding="utf-8") as f:
+        assert next(iter(csvsafe.read_dicts(f)))["paths"] == ";".join(names)

@@ -71,7 +71,8 @@ def test_audit_reports_the_leak_and_writes_the_files(leaky_tree, tmp_path):
 def test_fail_on_leak_exits_with_its_own_code(leaky_tree):
     result = invoke("audit", str(leaky_tree), "--fail-on-leak")
     assert result.exit_code == EXIT_LEAK == 4
-    assert "1 groups of copies span more than one split" in result.output
+    assert "failing: 1 group of copies spans more than one split" in result.output
+    assert "  1 group spans more than one split" in result.output
 
 
 def test_unreadable_files_exit_3_and_are_named(clean_tree, tmp_path):
@@ -80,7 +81,43 @@ def test_unreadable_files_exit_3_and_are_named(clean_tree, tmp_path):
     (root / "train" / "a" / "empty.png").write_bytes(b"")
     result = invoke("audit", str(root))
     assert result.exit_code == EXIT_SOME_FAILED
-    assert "unreadable: 1 files" in result.output and "empty.png" in result.output
+    assert "unreadable: 1 file\n" in result.output and "empty.png" in result.output
+
+
+def test_every_unreadable_file_is_listed_up_to_a_limit_then_counted(clean_tree, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(clean_tree, root)
+    names = [f"bad{i:02d}.png" for i in range(23)]
+    for name in names:
+        (root / "train" / "a" / name).write_bytes(b"not a picture")
+    result = invoke("audit", str(root))
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert "unreadable: 23 files" in result.output
+    listed = [n for n in names if n in result.output]
+    assert listed == names[:20]  # in order, each named once
+    assert "  ... and 3 more (every file, with its error, is in files.csv: --out DIR)" \
+        in result.output
+
+
+def test_counts_in_the_summary_have_the_right_plural(clean_tree, tmp_path):
+    root = tmp_path / "one"
+    save(to_pil(texture(1, size=96)), root / "a" / "x.png")
+    result = invoke("audit", str(root))
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert ": 1 file, 1 distinct content, 1 distinct image after" in first
+    assert "duplicates: 0 files (0%) are in 0 groups of copies; 0 files are byte-identical" \
+        in result.output
+
+
+def test_audit_progress_in_a_log(clean_tree, monkeypatch):
+    monkeypatch.setenv("FXSCORE_PROGRESS_INTERVAL", "0")
+    result = CliRunner().invoke(cli, ["audit", str(clean_tree), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("audit ")]
+    assert any(ln.startswith("audit hash: 12/12 files (100%)") for ln in lines), lines
+    assert any(ln.startswith("audit read: 12/12 files (100%)") for ln in lines), lines
+    assert "\r" not in result.stderr
 
 
 @pytest.mark.parametrize("command", [["audit"], ["split", "--out", "somewhere"]])
@@ -97,6 +134,7 @@ def test_split_makes_a_tree_that_audits_clean(leaky_tree, tmp_path):
                     "0.25", "--seed", "1")
     assert result.exit_code == 0, result.output
     assert "13 files in 12 groups" in result.output
+    assert " hard links, 0 copies)" in result.output
     assert (out / "manifest.csv").exists() and (out / "split.json").exists()
     again = invoke("audit", str(out), "--fail-on-leak")
     assert again.exit_code == 0, again.output

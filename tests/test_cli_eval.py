@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,9 @@ def test_eval_prints_the_report(folders, tiny_model):
                  "Average precision", "Sensitivity (recall)", "Specificity", "95% CI",
                  "300 resamples, seed 0", "Brier score", "Reliability"):
         assert text in out, text
-    assert r.stderr == ""  # no progress on a non-terminal stderr, nothing went wrong
+    # stderr is not a terminal here: one plain progress line at the end, nothing else
+    assert r.stderr.startswith("eval: 23/23 files (100%), ") and r.stderr.count("\n") == 1
+    assert "version 1 (id " in out and " v1 " not in out  # the version as the model has it
 
 
 def test_eval_is_deterministic_with_a_seed(folders, tiny_model):
@@ -65,9 +68,10 @@ def test_eval_unreadable_files_exit_3_and_are_listed(tmp_path, folders, tiny_mod
     write_truncated(folders / "not fractured" / os.fsdecode(b"latin1-\xe9.png"))  # not UTF-8
     r = invoke(folders, "-m", tiny_model, "--report", tmp_path / "out")
     assert r.exit_code == EXIT_SOME_FAILED, r.output
-    assert "2 file(s) could not be read and are not in the metrics:" in r.stdout
+    assert "2 files could not be read and are not in the metrics:" in r.stdout
     assert "fractured/cut.png: " in r.stdout and "latin1-\\udce9.png: " in r.stdout
-    assert "warning: 2 file(s) could not be read; the metrics use the 23 readable" in r.stderr
+    assert "warning: 2 files could not be read; the metrics use the 23 readable" in r.stderr
+    assert "; 2 unreadable files" in r.stderr  # the progress line's note
     assert "latin1-\\udce9.png" in (tmp_path / "out" / "report.html").read_text()
 
 
@@ -93,10 +97,9 @@ def _empty_folder(root):
     root.mkdir(parents=True)
 
 
-def _empty_class_folder(root):
-    make_folders(root)
-    for p in (root / "not fractured").rglob("*.png"):
-        p.unlink()
+def _split_layout(root):
+    make_folders(root / "train")
+    make_folders(root / "test")
 
 
 def _nothing_readable(root):
@@ -108,7 +111,8 @@ def _nothing_readable(root):
     (_unknown_folder, [], "folder(s) 'broken' are not classes of this model; expected one folder "
                           "per class of the model ('fractured', 'not fractured')"),
     (_empty_folder, [], "no folder for class(es) 'fractured', 'not fractured'"),
-    (_empty_class_folder, [], "the folder for class 'not fractured' holds no image files"),
+    (_split_layout, [], "these sub-folders hold class folders: {root}/test, {root}/train "
+                        "(e.g. `fxscore eval {root}/test`)"),
     (_nothing_readable, [], "none of the 2 files could be read as an image"),
     (make_folders, ["--labels", "{tmp}/missing.csv"], "missing.csv: cannot read the labels CSV"),
     (make_folders, ["--labels", "{tmp}/bad.csv"], "bad.csv, line 2: label 'maybe' is not a "
@@ -122,12 +126,14 @@ def test_eval_errors_exit_1_naming_what_was_expected(tmp_path, tiny_model, make,
     write_csv(tmp_path / "bad.csv", ("path", "label"), [("fractured/x.png", "maybe")])
     r = invoke(root, "-m", tiny_model, *[a.format(tmp=tmp_path) for a in extra])
     assert r.exit_code == 1, r.output
-    assert message in r.stderr
+    assert message.format(root=root) in " ".join(r.stderr.split())
     assert "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("args", [["--target-sensitivity", "1.5"], ["--target-sensitivity", "0"],
-                                  ["--bootstrap", "-1"], ["--batch-size", "0"]])
+                                  ["--target-specificity", "0"], ["--threshold", "1.1"],
+                                  ["--threshold", "-0.1"], ["--bootstrap", "-1"],
+                                  ["--batch-size", "0"]])
 def test_eval_usage_errors_exit_2(folders, tiny_model, args):
     assert invoke(folders, "-m", tiny_model, *args).exit_code == 2
 
@@ -135,9 +141,120 @@ def test_eval_usage_errors_exit_2(folders, tiny_model, args):
 def test_eval_help_documents_the_command():
     r = CliRunner().invoke(cli, ["eval", "--help"])
     assert r.exit_code == 0
-    for text in ("--target-sensitivity", "--labels", "--groups", "--bootstrap", "--report",
-                 "fxscore eval ./test -m model.onnx --target-sensitivity 0.95 --report out/"):
+    for text in ("--target-sensitivity", "--target-specificity", "--threshold", "--labels",
+                 "--groups", "--bootstrap", "--report",
+                 "fxscore eval ./test -m model.onnx --target-sensitivity 0.95 --report out/",
+                 "fxscore eval ./val -m model.onnx --target-specificity 0.9",
+                 "fxscore eval ./test -m model.onnx --threshold 0.37"):
         assert text in r.output
+
+
+# ---- the operating point ------------------------------------------------------------------
+
+def test_threshold_is_what_every_output_uses(tmp_path, folders, tiny_model):
+    out = tmp_path / "report"
+    r = invoke(folders, "-m", tiny_model, "--threshold", "0.9", "--report", out)
+    assert r.exit_code == 0, r.output
+    assert "threshold 0.900 (--threshold; the model's own is 0.500)" in r.stdout
+    assert "Classification report (threshold 0.900)" in r.stdout
+    assert "At threshold 0.900 (--threshold):" in r.stdout
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["threshold"] for row in rows} == {"0.9"}
+    assert all(row["label"] == ("fractured" if float(row["probability"]) >= 0.9
+                                else "not fractured") for row in rows)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["threshold"] == {"value": 0.9, "model": 0.5, "source": "--threshold"}
+    page = (out / "report.html").read_text()
+    assert "threshold 0.900 (--threshold; the model&#x27;s own is 0.500)" in page
+
+
+@pytest.mark.parametrize("flag, what", [("--target-sensitivity", "sensitivity"),
+                                        ("--target-specificity", "specificity")])
+def test_a_target_prints_the_command_that_applies_it(folders, tiny_model, flag, what):
+    r = invoke(folders, "-m", tiny_model, flag, "0.8", "--bootstrap", "0")
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("Operating point for"))
+    assert line.startswith(f"Operating point for {what} >= 0.8 on {folders}: threshold ")
+    t = line.split("threshold ")[1].split(" ")[0]
+    assert f"  fxscore run INPUT --model {tiny_model} --threshold {t} --out preds.csv" \
+        in r.stdout
+    assert f"  fxscore wrap {tiny_model} --out tiny-t{t}.onnx --threshold {t}" in r.stdout
+    assert (f"warning: the threshold {t} was picked on the evaluation data itself, so its "
+            f"{what}") in " ".join(r.stderr.split())
+    assert len(t) <= 6  # the shortest number that makes the same calls, not 17 digits
+    # Applying the printed threshold gives exactly the operating point that was found.
+    found = re.search(rf"\b{what} ([0-9.]+)", line.split(": threshold")[1]).group(1)
+    again = invoke(folders, "-m", tiny_model, "--threshold", t, "--bootstrap", "0")
+    label = "Sensitivity (recall)" if what == "sensitivity" else "Specificity"
+    row = next(ln for ln in again.stdout.splitlines() if ln.strip().startswith(label))
+    assert row.split()[-1] == found
+    assert float(found) >= 0.8
+
+
+def test_both_targets_at_once(tmp_path, folders, tiny_model):
+    out = tmp_path / "r"
+    r = invoke(folders, "-m", tiny_model, "--target-sensitivity", "0.9",
+               "--target-specificity", "0.9", "--report", out, "--bootstrap", "50")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("Operating point for") == 2
+    assert "At target specificity 0.90 (threshold" in r.stdout
+    points = json.loads((out / "metrics.json").read_text())["operating_points"]
+    assert set(points) == {"model", "target", "target_specificity"}
+    assert points["target_specificity"]["specificity"] >= 0.9
+
+
+# ---- nothing silent -----------------------------------------------------------------------
+
+def test_labels_csv_says_how_many_files_have_no_row(tmp_path, tiny_model):
+    labels = make_flat(tmp_path / "flat")
+    lines = labels.read_text().splitlines()
+    (tmp_path / "part.csv").write_text("\n".join(lines[:-2]) + "\n")  # two rows dropped
+    r = invoke(tmp_path / "flat", "-m", tiny_model, "--labels", tmp_path / "part.csv")
+    assert r.exit_code == 0, r.output
+    assert (f"warning: 2 image files under {tmp_path / 'flat'} have no row in "
+            f"{tmp_path / 'part.csv'} and were not evaluated") in " ".join(r.stderr.split())
+    assert "2 image files without a label row not evaluated" in r.stdout
+    full = invoke(tmp_path / "flat", "-m", tiny_model, "--labels", labels)
+    assert "no row in" not in full.stderr
+
+
+def test_one_class_folder_reports_what_it_can(tmp_path, tiny_model):
+    root = tmp_path / "fractures-only"
+    make_folders(root, not_fractured=[])  # no 'not fractured' folder at all
+    r = invoke(root, "-m", tiny_model, "--target-sensitivity", "0.9", "--report",
+               tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["roc_auc"]["value"] is None
+    sens = next(ln for ln in r.stdout.splitlines() if "Sensitivity (recall)" in ln)
+    assert sens.split()[2] != "n/a"
+    spec = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("Specificity"))
+    assert spec.split()[1] == "n/a"
+    assert "only 'fractured' images are readable here" in r.stdout
+    assert "warning: only 'fractured' images could be evaluated" in r.stderr
+    bad = invoke(root, "-m", tiny_model, "--target-specificity", "0.9")
+    assert bad.exit_code == 1
+    assert "--target-specificity needs readable 'not fractured' images" in bad.stderr
+
+
+def test_one_unreadable_file_is_one_file(tmp_path, folders, tiny_model):
+    write_truncated(folders / "fractured" / "cut.png")
+    r = invoke(folders, "-m", tiny_model)
+    assert r.exit_code == EXIT_SOME_FAILED
+    assert "1 file could not be read and is not in the metrics:" in r.stdout
+    assert "warning: 1 file could not be read; the metrics use the 23 readable" in r.stderr
+
+
+def test_progress_lines_in_a_log_and_none_with_quiet(folders, tiny_model, monkeypatch):
+    monkeypatch.setenv("FXSCORE_PROGRESS_INTERVAL", "0")
+    r = invoke(folders, "-m", tiny_model, "--batch-size", "4", "--bootstrap", "0")
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("eval: ")]
+    assert len(lines) >= 6 and "\r" not in r.stderr
+    assert lines[0].startswith("eval: 1/23 files (4%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("eval: 23/23 files (100%)")
+    quiet = invoke(folders, "-m", tiny_model, "--bootstrap", "0", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 def test_eval_as_a_real_process_on_sample_data(tmp_path, tiny_model):
@@ -184,3 +301,25 @@ def test_eval_on_the_real_test_set(tmp_path, real_data_root, tiny_model):
     assert all(f["path"] in page for f in failed)
     assert doc["classification_report"]["macro avg"]["support"] == data["readable"]
     assert sum(map(sum, doc["confusion_matrix"]["matrix"])) == data["readable"]
+
+
+def test_readme_quick_start_says_what_the_default_model_does_on_the_phantoms(monkeypatch):
+    """README: the packaged model calls almost every phantom "not fractured" (N of M, as the
+    README states) and ranks sample_data/test at chance; the README says why."""
+    from fxscore.files import find_images
+    from fxscore.model import load_model
+    from fxscore.scoring import score_items
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    said = re.search(r'"not fractured" \((\d+) of the (\d+) readable ones\)', readme)
+    assert said, "the quick start no longer states what the default model does on sample_data"
+    monkeypatch.delenv("FXSCORE_MODEL", raising=False)
+    model = load_model(threads=1)
+    rows = [r for r in score_items(model, find_images(SAMPLE_DATA), workers=1) if not r["error"]]
+    negatives = sum(r["label"] == "not fractured" for r in rows)
+    assert (negatives, len(rows)) == (int(said.group(1)), int(said.group(2)))
+    r = CliRunner().invoke(cli, ["eval", str(SAMPLE_DATA / "test"), "--bootstrap", "0", "-q",
+                                 "--threads", "1"])
+    auc = float(next(ln for ln in r.stdout.splitlines() if ln.startswith("ROC-AUC")).split()[1])
+    assert 0.3 < auc < 0.7 and "ROC-AUC of about 0.5" in readme
+    assert "not X-rays the model was trained" in " ".join(readme.split())

@@ -1,7 +1,11 @@
 """fxscore.evaluate: labelled folders / labels CSV -> scored rows and the metrics document."""
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +174,16 @@ def _empty_class(root):
     (root / "not fractured" / "sub").mkdir(parents=True)
 
 
+def _split_layout(root):
+    write_grey(root / "train" / "fractured" / "a.png", 200)
+    write_grey(root / "test" / "not fractured" / "b.png", 20)
+
+
+def _no_images(root):
+    (root / "fractured").mkdir()
+    (root / "not fractured").mkdir()
+
+
 def _loose_image(root):
     make_folders(root)
     write_grey(root / "stray.png", 10)
@@ -188,11 +202,12 @@ def _one_class_unreadable(root):
 @pytest.mark.parametrize("make, match", [
     (_unknown_folder, r"'Fractured' are not classes of this model; expected one folder per "
                       r"class of the model \('fractured', 'not fractured'\)"),
-    (_missing_class, r"no folder for class\(es\) 'not fractured'"),
-    (_empty_class, r"not fractured: the folder for class 'not fractured' holds no image files"),
+    (_split_layout, r"folder\(s\) 'test', 'train' are not classes of this model; .*these "
+                    r"sub-folders hold class folders: .*data/test, .*data/train \(e.g. "
+                    r"`fxscore eval .*data/test`\)"),
+    (_no_images, r"the folder for class 'fractured' holds no image files; at least one class"),
     (_loose_image, r"image\(s\) outside the class folders \(e.g. 'stray.png'\)"),
     (_nothing_readable, r"none of the 2 files could be read.*'fractured', 'not fractured'"),
-    (_one_class_unreadable, r"no readable image of class 'not fractured'"),
     (lambda root: root.rmdir(), r"not a folder; expected .*'fractured', 'not fractured'"),
 ])
 def test_bad_folders_are_named(tmp_path, model, make, match):
@@ -212,8 +227,6 @@ def test_bad_folders_are_named(tmp_path, model, make, match):
     (("path", "label"), [("images/fra_00_g250.png", "fractured"),
                          ("./images/fra_00_g250.png", "fractured")], "listed twice"),
     (("path", "label"), [("images/fra_00_g250.png", "")], r"line 2: expected path,label"),
-    (("path", "label"), [("images/fra_00_g250.png", "fractured")],
-     r"no file is labelled 'not fractured'"),
 ])
 def test_bad_labels_csv_is_named(tmp_path, model, header, rows, match):
     make_flat(tmp_path / "flat")
@@ -222,8 +235,118 @@ def test_bad_labels_csv_is_named(tmp_path, model, header, rows, match):
         run(tmp_path / "flat", model, labels=labels)
 
 
+@pytest.mark.parametrize("make", [_missing_class, _empty_class, _one_class_unreadable])
+def test_one_class_is_evaluated_as_far_as_one_class_allows(tmp_path, model, make):
+    """A fractures-only set gives sensitivity; what needs both classes is NaN, and said."""
+    root = tmp_path / "data"
+    root.mkdir()
+    make(root)
+    m = run(root, model).metrics
+    assert m["data"]["one_class"] == "fractured"
+    point = m["operating_points"]["model"]
+    assert point["sensitivity"] == 1.0 and point["tp"] == 1
+    assert np.isnan(point["specificity"]) and np.isnan(m["roc_auc"]["value"])
+    with pytest.raises(EvalDataError, match=r"--target-specificity needs readable 'not "
+                                            r"fractured' images"):
+        run(root, model, target_specificity=0.9)
+    assert run(root, model, target_sensitivity=1.0).metrics["operating_points"]["target"][
+        "sensitivity"] == 1.0
+
+
+def test_labels_csv_with_one_class_and_unlabelled_files(tmp_path, model):
+    labels = make_flat(tmp_path / "flat")
+    with open(labels) as f:
+        lines = f.read().splitlines()
+    fractured_only = [ln for ln in lines[1:] if ln.endswith(",fractured")]
+    (tmp_path / "one.csv").write_text("\n".join([lines[0], *fractured_only]) + "\n")
+    m = run(tmp_path / "flat", model, labels=tmp_path / "one.csv").metrics
+    assert m["data"]["one_class"] == "fractured"
+    assert m["data"]["unlabelled"] == len(NOT_FRACTURED)  # on disk, no row in the CSV
+    assert len(m["data"]["unlabelled_examples"]) == 5
+    assert run(tmp_path / "flat", model, labels=labels).metrics["data"]["unlabelled"] == 0
+
+
+def test_threshold_replaces_the_models_everywhere(folders, model):
+    ev = run(folders, model, threshold=0.9)
+    assert {r["threshold"] for r in ev.rows} == {0.9}
+    assert all(r["label"] == ("fractured" if r["probability"] >= 0.9 else "not fractured")
+               for r in ev.rows)
+    m = ev.metrics
+    assert m["threshold"] == {"value": 0.9, "model": 0.5, "source": "--threshold"}
+    assert m["operating_points"]["model"]["threshold"] == 0.9
+    assert m["model"]["threshold"] == 0.5  # what the file carries
+    assert model.meta.threshold == 0.5  # the caller's model is not changed
+
+
+def test_target_specificity_is_the_lowest_threshold_reaching_it(folders, model):
+    m = run(folders, model, target_specificity=0.75).metrics
+    p = m["operating_points"]["target_specificity"]
+    assert p["specificity"] >= 0.75 and p["target_specificity"] == 0.75
+    y, s = run(folders, model).arrays()
+    lower = s[s < p["threshold"]].max()  # the next lower threshold misses the target
+    assert M.threshold_metrics(y, s, lower)["specificity"] < 0.75
+    assert M.threshold_metrics(y, s, p["apply_threshold"]) == M.threshold_metrics(
+        y, s, p["threshold"]) | {"threshold": p["apply_threshold"]}
+
+
 def test_groups_csv_must_cover_every_file(tmp_path, folders, model):
     groups = write_csv(tmp_path / "g.csv", ("path", "group"),
                        [("fractured/fra_00_g250.png", "p1")])
     with pytest.raises(EvalDataError, match=r"22 evaluated file\(s\) have no group"):
         run(folders, model, groups=groups)
+
+
+AWKWARD = ["=HYPERLINK(\"evil\",\"x\").png", "-600.png", "@SUM(1).png", "+1.png", "a,b.png",
+           "new\nline.png", "cr\r.png", "tab\t.png", " spaced .png", "'quoted.png",
+           "back\\xslash.png", os.fsdecode(b"caf\xe9.png")]
+
+
+@pytest.fixture
+def awkward(tmp_path):
+    """Class folders whose file names hold formulas, CR/LF, commas, spaces, undecodable bytes."""
+    root = tmp_path / "awkward"
+    for cls, greys in (("fractured", (200, 180)), ("not fractured", (20, 40))):
+        for g in greys:
+            for name in AWKWARD:
+                write_grey(root / cls / f"g{g}" / name, g)
+    return root
+
+
+def test_awkward_names_round_trip_through_predictions_labels_and_groups(tmp_path, awkward, model):
+    from fxscore import csvsafe
+    from fxscore.report import write_report
+
+    ev = run(awkward, model, n_bootstrap=0)
+    assert ev.metrics["data"]["unreadable"] == 0
+    paths = sorted(r["path"] for r in ev.rows)
+    assert len(paths) == 4 * len(AWKWARD)
+    written = write_report(ev, tmp_path / "report")
+    raw = written["predictions"].read_bytes().decode("utf-8")  # valid UTF-8
+    cells = [r[0] for r in csv.reader(io.StringIO(raw, newline=""))][1:]
+    assert len(cells) == len(paths)  # one row per file, whatever its name holds
+    with open(written["predictions"], newline="", encoding="utf-8") as f:
+        back = list(csvsafe.read_dicts(f))
+    assert sorted(r["path"] for r in back) == paths
+    # a CSV fxscore wrote (escaped, neutralised) names exactly the files: --labels, --groups
+    flat = tmp_path / "flat"
+    shutil.copytree(awkward, flat / "images")
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="", encoding="utf-8") as f:
+        csvsafe.write_rows(f, ["path", "label"],
+                           [[f"images/{r['path']}", r["true_label"]] for r in back])
+    by_labels = run(flat, model, labels=labels, n_bootstrap=0)
+    assert by_labels.metrics["data"]["unreadable"] == 0
+    assert sorted(r["path"] for r in by_labels.rows) == sorted(f"images/{p}" for p in paths)
+    groups = tmp_path / "groups.csv"
+    with open(groups, "w", newline="", encoding="utf-8") as f:
+        csvsafe.write_rows(f, ["path", "group"], [[p, p.split("/")[-1]] for p in paths])
+    grouped = run(awkward, model, groups=groups, n_bootstrap=20)
+    assert grouped.metrics["data"]["groups"] == len(AWKWARD)
+
+
+def test_hand_padded_label_paths_still_match(tmp_path, model):
+    labels = make_flat(tmp_path / "flat")
+    text = labels.read_text().replace(".png,", ".png ,")  # "images/x.png ,fractured"
+    labels.write_text(text)
+    ev = run(tmp_path / "flat", model, labels=labels, n_bootstrap=0)
+    assert ev.metrics["data"]["unreadable"] == 0

@@ -25,9 +25,9 @@ from fxscore.contract import Preprocess  # noqa: E402
 from fxscore.export import pipeline, quantize  # noqa: E402
 from fxscore.export.onnx_export import load_checkpoint  # noqa: E402
 from fxscore.export.parity import torch_outputs  # noqa: E402
-from fxscore.images import ImageReadError, read_image  # noqa: E402
+from fxscore.images import ImageReadError  # noqa: E402
 from fxscore.model import load_model  # noqa: E402
-from fxscore.preprocess import preprocess  # noqa: E402
+from fxscore.scoring import model_input  # noqa: E402
 
 
 def invoke(*args):
@@ -52,6 +52,10 @@ def test_export_with_verify_and_forced_int8(checkpoint, tmp_path, monkeypatch):
     assert "parity, random batch 1: max |d logit|" in r.stdout
     assert "parity, 10 files (0 unreadable)" in r.stdout
     assert "int8 vs fp32 on 10 labelled images: ROC-AUC" in r.stdout
+    q = json.loads((tmp_path / "model.export.json").read_text())["int8"]
+    change = q["auc_int8"] - q["auc_fp32"]
+    assert f"(AUC change {change:+.3f}; refused below -0.01)" in r.stdout  # signed, not "drop"
+    assert "drop" not in r.stdout
     assert "WARNING: --force: wrote" in r.stderr and "ROC-AUC drops" in r.stderr
     assert "export: parity on 10 files" in r.stderr  # progress goes to stderr
     for name in ("model.onnx", "model.int8.onnx", "model.export.json"):
@@ -67,7 +71,7 @@ def test_a_failed_check_exits_1_and_prints_the_report(checkpoint, tmp_path, monk
     report = {"parity": {"random": [{"batch": 1, "max_abs_logit": 0.5, "max_abs_prob": 0.1,
                                      "label_agreement": 1.0}]}, "written": []}
 
-    def failing(ckpt, opts, progress):
+    def failing(ckpt, opts, progress, stages=None):
         raise pipeline.ExportFailed("the ONNX model does not compute what the checkpoint "
                                     "computes", report)
 
@@ -99,25 +103,82 @@ def test_missing_checkpoint(tmp_path):
     assert r.exit_code == 1 and "does not exist" in r.stderr
 
 
+def test_a_run_folder_exports_its_best_pt(checkpoint, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").symlink_to(checkpoint)
+    monkeypatch.setenv("FXSCORE_PROGRESS_INTERVAL", "0")
+    verify = link_slice(SAMPLE_DATA, tmp_path / "val", per_class=3)
+    r = invoke("export", run, "--out", tmp_path / "m.onnx", "--verify", verify,
+               "--model-version", "2.1")
+    assert r.exit_code == 0, r.output
+    assert f"export: reading checkpoint {run / 'best.pt'}" in r.stderr
+    assert "export parity: 6/6 files (100%)" in r.stderr  # progress, plain lines in a log
+    assert load_model(tmp_path / "m.onnx").meta.model_version == "2.1"
+    # The version reads as it was set, wherever it is shown.
+    ev = invoke("eval", SAMPLE_DATA / "test", "-m", tmp_path / "m.onnx", "--bootstrap", "0",
+                "-q")
+    assert "version 2.1 (id" in ev.stdout and "v2.1" not in ev.stdout
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    r = invoke("export", empty, "--out", tmp_path / "n.onnx")
+    assert r.exit_code == 1 and "is a folder without best.pt" in r.stderr
+
+
+def test_default_version_is_not_prefixed(exported_files, tmp_path):
+    _, onnx_path = exported_files
+    ev = invoke("eval", SAMPLE_DATA / "test", "-m", onnx_path, "--bootstrap", "0", "-q")
+    assert ev.exit_code == 0, ev.output
+    assert "version ckpt-" in ev.stdout and "vckpt-" not in ev.stdout
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "the file is empty"),
+    (b"hello, I am a text file\n", "it is neither a torch zip archive nor a pickle"),
+    (b"PK\x03\x04" + b"\0" * 60, "it is a zip archive, but not one written by torch.save"),
+    ("pickle", "it holds Python objects other than tensors and plain values"),
+])
+def test_a_file_that_is_not_a_checkpoint_gets_our_error(tmp_path, content, why):
+    import collections
+    import pickle
+
+    bad = tmp_path / "best.pt"
+    if content == "pickle":
+        bad.write_bytes(pickle.dumps(collections.OrderedDict(a=object.__new__(Preprocess))))
+    else:
+        bad.write_bytes(content)
+    r = invoke("export", bad, "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 1
+    assert f"{bad}: not a `fxscore train` checkpoint: {why}" in " ".join(r.stderr.split())
+    assert "file an issue" not in r.output.lower() and "Traceback" not in r.output
+
+
 def test_sigterm_mid_export_leaves_no_model(checkpoint, tmp_path):
     """A real process killed (SIGTERM, as a batch system does) while its model is on disk
-    but not yet checked: it removes the temporary and exits 143."""
+    but not yet checked: it removes the temporary, exits 143 and says so in ONE line (the
+    group's handler, not one of its own)."""
+    out = tmp_path / "model.onnx"
     proc = subprocess.Popen([sys.executable, "-m", "fxscore.cli", "export", str(checkpoint),
-                             "--out", str(tmp_path / "model.onnx"), "--verify",
-                             str(SAMPLE_DATA / "val")],
+                             "--out", str(out), "--verify", str(SAMPLE_DATA / "val")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial, rest = [], ""
     try:
         for line in proc.stderr:
             if line.startswith("export: parity on random tensors"):
                 partial = [p.name for p in tmp_path.iterdir()]
                 proc.send_signal(signal.SIGTERM)
                 break
+        rest = proc.stderr.read()
         proc.wait(timeout=120)
     finally:
         proc.kill()
     assert len(partial) == 1 and partial[0].endswith(".partial")  # the model, being checked
     assert proc.returncode == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+    hint = f"terminated (SIGTERM); no model written to {out} (an older one there is untouched)"
+    assert rest.strip().splitlines()[-1] == hint, rest
+    assert [x for x in rest.splitlines() if "SIGTERM" in x] == [hint], rest
+    assert "Traceback" not in rest
 
 
 # ---- end to end ------------------------------------------------------------------------------
@@ -142,13 +203,13 @@ def scored_rows(model, folder, csv_path):
 
 def assert_scorer_equals_torch(best_pt, folder, rows) -> int:
     """Every file: the scorer's probability (from `fxscore run`'s CSV) vs torch on the tensor
-    read_image -> preprocess makes of it. Returns how many files were compared."""
+    the scorer's reading rule (`model_input`) makes of it. Returns how many were compared."""
     model, ckpt = load_checkpoint(best_pt)
     params = Preprocess.from_dict(ckpt["preprocess"])
     xs, scored = [], []
     for row in rows:
         try:
-            xs.append(preprocess(read_image(folder / row["path"]), params))
+            xs.append(model_input(folder / row["path"], params))
         except ImageReadError:
             assert row["error"] and row["probability"] == ""
             continue

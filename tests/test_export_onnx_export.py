@@ -78,6 +78,8 @@ def test_every_contract_key_is_written_and_the_scorer_loads_it(exported):
     assert t["export"]["opset"] == OPSET
     scorer = load_model(path)
     assert scorer.meta.to_props() == meta.to_props()
+    assert stored.format_version == 2 and json.loads(props["fxscore"])["digest"]
+    assert scorer.verified and scorer.integrity.startswith("verified: digest")
     assert scorer.predict(np.zeros((2, 3, 64, 64), np.float32)).shape == (2,)
 
 

@@ -15,8 +15,9 @@ from conftest import SAMPLE_DATA  # noqa: E402
 from export_checkpoints import exported_files, link_slice  # noqa: E402,F401
 from onnx import numpy_helper  # noqa: E402
 
+from fxscore.contract import ModelMeta  # noqa: E402
 from fxscore.export import parity  # noqa: E402
-from fxscore.export.onnx_export import load_checkpoint  # noqa: E402
+from fxscore.export.onnx_export import load_checkpoint, set_metadata  # noqa: E402
 from fxscore.files import find_images  # noqa: E402
 from fxscore.model import load_model  # noqa: E402
 
@@ -29,6 +30,10 @@ def exported(exported_files):
     return load_checkpoint(ckpt_path)[0], proto, load_model(path), parity.logit_session(proto)
 
 
+def model_meta(proto):
+    return ModelMeta.from_props({p.key: p.value for p in proto.metadata_props})
+
+
 @pytest.fixture(scope="module")
 def corrupted(exported, tmp_path_factory):
     """The same graph with the head's bias shifted by 0.01: a small, real defect."""
@@ -37,6 +42,7 @@ def corrupted(exported, tmp_path_factory):
     bad.CopyFrom(proto)
     init = next(i for i in bad.graph.initializer if i.name.endswith("fc.bias"))
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
+    set_metadata(bad, model_meta(proto))  # an exporter bug, not a damaged file: digest matches
     path = tmp_path_factory.mktemp("corrupt") / "model.onnx"
     path.write_bytes(bad.SerializeToString())
     return model, bad, load_model(path), parity.logit_session(bad)

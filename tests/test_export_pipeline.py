@@ -16,10 +16,13 @@ pytestmark = pytest.mark.torch
 
 import onnx  # noqa: E402
 from conftest import SAMPLE_DATA  # noqa: E402
-from export_checkpoints import exported_files, link_slice  # noqa: E402,F401
+from export_checkpoints import exported_files, link_slice, write_checkpoint  # noqa: E402,F401
 from onnx import numpy_helper  # noqa: E402
 
+from fxscore import membership  # noqa: E402
 from fxscore.export import pipeline, quantize  # noqa: E402
+from fxscore.hashing import sha256_file  # noqa: E402
+from fxscore.modelfile import read_props  # noqa: E402
 from fxscore.export.onnx_export import ExportError, set_metadata  # noqa: E402
 from fxscore.model import load_model  # noqa: E402
 
@@ -38,11 +41,11 @@ def graph(checkpoint, monkeypatch):
     def fake_to_onnx(model, meta, *, opset=18):
         proto = onnx.ModelProto()
         proto.CopyFrom(checkpoint[1])
-        set_metadata(proto, meta)  # this call's metadata (threshold, ...), as to_onnx writes it
-        if state["nudge"]:
+        if state["nudge"]:  # an exporter bug: the file is self-consistent (digest) but wrong
             init = next(i for i in proto.graph.initializer if i.name.endswith("fc.bias"))
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + state["nudge"],
                                                   init.name))
+        set_metadata(proto, meta)  # this call's metadata (threshold, ...), as to_onnx writes it
         return proto
 
     monkeypatch.setattr(pipeline, "to_onnx", fake_to_onnx)
@@ -160,3 +163,47 @@ def test_unusable_options_fail_before_exporting(checkpoint, tmp_path, monkeypatc
     with pytest.raises(ExportError, match=message):
         pipeline.export(checkpoint[0], pipeline.ExportOptions(**opts))
     assert names(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def trained_on(tmp_path_factory):
+    """(best.pt with the module's weights that records a DATA folder, that folder): 4 images
+    per class of sample_data's train/ and val/."""
+    root = tmp_path_factory.mktemp("trained")
+    for split in ("train", "val"):
+        link_slice(SAMPLE_DATA, root / "data" / split, per_class=4, split=split)
+    return write_checkpoint(root / "best.pt", input_size=64, data=root / "data"), root / "data"
+
+
+def test_the_training_data_table_and_thresholds_go_into_fp32_and_int8(trained_on, graph,
+                                                                         tmp_path):
+    best, data = trained_on
+    report = pipeline.export(best, pipeline.ExportOptions(
+        out=tmp_path / "m.onnx", int8=True, calibration=SAMPLE_DATA / "train",
+        calibration_images=8, int8_eval=data / "val", auc_drop_limit=1.0,
+        threshold_for="sensitivity:0.75", threads=1))
+    t = report["training_data"]
+    assert t["embedded"] is True and (t["train"], t["val"], t["described"]) == (8, 8, 16)
+    train_file = sorted((data / "train" / "fractured").iterdir())[0]
+    for name, point in (("m.onnx", report["operating_point"]),
+                        ("m.int8.onnx", report["int8"]["operating_point"])):
+        model = load_model(tmp_path / name)
+        assert membership.training_data(model).split_of(sha256_file(train_file)) == "train"
+        # each file's threshold is chosen on its own probabilities of the val images
+        assert model.meta.threshold == point["threshold"] and point["sensitivity"] >= 0.75
+        assert model.meta.training["operating_point"] == point
+
+
+def test_a_checkpoint_naming_no_data_exports_without_a_table(checkpoint, graph, tmp_path):
+    report = pipeline.export(checkpoint[0], pipeline.ExportOptions(out=tmp_path / "m.onnx"))
+    assert report["training_data"]["embedded"] is False
+    assert "names no training data" in report["training_data"]["reason"]
+    assert membership.ENTRY not in read_props((tmp_path / "m.onnx").read_bytes())
+
+
+def test_no_training_hashes_leaves_the_table_out(trained_on, graph, tmp_path):
+    report = pipeline.export(trained_on[0], pipeline.ExportOptions(
+        out=tmp_path / "m.onnx", training_hashes=False))
+    assert report["training_data"] == {"embedded": False, "reason": "--no-training-hashes"}
+    model = load_model(tmp_path / "m.onnx")
+    assert model.meta.training_data == {} and membership.training_data(model) is None

@@ -165,3 +165,93 @@ def test_sample_data_extras():
     on_disk = {p.relative_to(SAMPLE_DATA / "extras").as_posix()
                for p in (SAMPLE_DATA / "extras").rglob("*") if p.is_file()}
     assert set(found) == on_disk  # every extra is an X-ray candidate, broken ones included
+
+
+# ---- links outside the input root, ignored reasons, FIFOs met while sniffing ----------------
+
+def _walk(root: Path, **kw) -> tuple[list[str], Counter, list[tuple[str, str]]]:
+    counts, skipped = Counter(), []
+    found = []
+    walker = threading.Thread(target=lambda: found.extend(rels(
+        root, counts=counts, on_ignored=lambda rel, why: skipped.append((rel, why)), **kw)),
+        daemon=True)
+    walker.start()
+    walker.join(timeout=20)
+    assert not walker.is_alive(), "discovery hangs"
+    return found, counts, skipped
+
+
+@pytest.fixture
+def farm(tmp_path) -> Path:
+    """An input root inside a bigger tree, with links leading out of it in every way."""
+    touch(tmp_path, "outside/secret.png")
+    touch(tmp_path, "outside/deep/more.png")
+    touch(tmp_path, "sibling.png")
+    root = tmp_path / "export" / "in"
+    touch(root, "a/1.png")
+    touch(root, "b/2.png")
+    (root / "a" / "up").symlink_to("../..")  # the parent of the root: would walk everything
+    (root / "outdir").symlink_to(tmp_path / "outside")  # a folder outside
+    (root / "shadow.png").symlink_to(tmp_path / "sibling.png")  # a file outside
+    (root / "inside.png").symlink_to("a/1.png")  # inside: followed, scored under its name
+    (root / "b" / "again").symlink_to("../a")  # inside, and already walked
+    return root
+
+
+def test_links_outside_the_root_are_counted_not_followed(farm):
+    found, counts, skipped = _walk(farm)
+    assert found == ["a/1.png", "b/2.png", "inside.png"]
+    assert counts["links_outside"] == 3
+    assert (counts["links_outside:folder"], counts["links_outside:file"]) == (2, 1)
+    assert sorted(skipped) == [("a/up/", "link outside INPUT (folder)"),
+                               ("outdir/", "link outside INPUT (folder)"),
+                               ("shadow.png", "link outside INPUT (file)")]
+    assert counts["ignored"] == 0  # links not followed are not "ignored" files
+
+
+def test_follow_links_walks_them_like_find_L_and_still_cannot_loop(farm):
+    found, counts, _ = _walk(farm, follow_links=True)
+    # a/up -> the parent: everything under export/ once (the root itself is entered already)
+    assert found == ["a/1.png", "b/2.png", "inside.png", "outdir/deep/more.png",
+                     "outdir/secret.png", "shadow.png"]
+    assert counts["links_outside"] == 0
+
+
+def test_a_root_given_through_a_link_is_still_the_root(farm, tmp_path):
+    (tmp_path / "via").symlink_to(farm)
+    found, counts, _ = _walk(tmp_path / "via")
+    assert found == ["a/1.png", "b/2.png", "inside.png"] and counts["links_outside"] == 3
+
+
+def test_ignored_files_come_with_their_reason(tmp_path):
+    for rel in ("a.png", "x.py", "y.PY", "notes.txt", "README", "data.2024-01"):
+        touch(tmp_path, rel)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "gone.png").symlink_to("nowhere.png")
+    found, counts, skipped = _walk(tmp_path)
+    assert found == ["a.png"]
+    assert dict(skipped) == {"x.py": ".py", "y.PY": ".py", "notes.txt": ".txt",
+                             "README": "no extension", "data.2024-01": ".2024-01",
+                             "pipe.jpg": "not a regular file", "gone.png": "broken link"}
+    assert counts["ignored"] == 7
+
+
+def test_ignored_and_links_are_counted_in_their_shard_only(farm):
+    touch(farm, "notes.txt")
+    total = Counter()
+    for k in (1, 2, 3):
+        _, counts, _ = _walk(farm, shard=Shard(k, 3))
+        total.update(counts)
+    assert total["links_outside"] == 3 and total["ignored"] == 1
+
+
+def test_dicom_sniffing_never_blocks_on_a_fifo(tmp_path):
+    """A file replaced by a FIFO between listing and sniffing must not hang the walk."""
+    os.mkfifo(tmp_path / "IM0001")  # no suffix: the walk would open it to look for DICM
+    result = []
+    t = threading.Thread(target=lambda: result.append(is_candidate(tmp_path / "IM0001")),
+                         daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "is_candidate blocks on a FIFO"
+    assert result == [False]

@@ -98,6 +98,40 @@ def test_threshold_for_sensitivity_rejects_bad_targets(target):
         M.threshold_for_sensitivity([0, 1], [0.1, 0.9], target)
 
 
+@pytest.mark.parametrize("name", ["hand", "ties", "imbalanced", "inverted"])
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 1.0])
+def test_threshold_for_specificity_is_the_lowest(name, target):
+    t, s = _case(name)
+    thr = M.threshold_for_specificity(t, s, target)
+    assert M.threshold_metrics(t, s, thr)["specificity"] >= target
+    lower = s[s < thr]
+    if lower.size:  # the next distinct score down already misses the target
+        assert M.threshold_metrics(t, s, lower.max())["specificity"] < target
+
+
+def test_threshold_for_specificity_above_every_score_and_without_negatives():
+    assert M.threshold_for_specificity([1, 0], [0.2, 0.9], 1.0) > 0.9
+    with pytest.raises(ValueError, match="no negative"):
+        M.threshold_for_specificity([1, 1], [0.2, 0.9], 0.9)
+    with pytest.raises(ValueError, match="target specificity"):
+        M.threshold_for_specificity([0, 1], [0.1, 0.9], 0.0)
+
+
+@pytest.mark.parametrize("scores, threshold, expected", [
+    ([0.1, 0.2, 0.3712345, 0.5, 0.9], 0.3712345, 0.3),  # (0.2, 0.3712345]: 0.3 calls the same
+    ([0.1, 0.2, 0.3712345, 0.5, 0.9], 0.5, 0.4),
+    ([0.36, 0.3712345], 0.3712345, 0.37),
+    ([0.37, 0.370001], 0.370001, 0.370001),  # nothing shorter lies between
+    ([0.1, 0.9], 0.05, 0.1),
+    ([0.1, 0.9], 0.95, 1.0),
+])
+def test_shortest_threshold_makes_the_same_calls(scores, threshold, expected):
+    got = M.shortest_threshold(scores, threshold)
+    assert got == expected
+    s = np.array(scores)
+    assert np.array_equal(s >= got, s >= threshold)
+
+
 def test_weighted_rank_metrics_equal_sklearn_on_materialised_resamples():
     # the vectorised bootstrap evaluates weights; drawing the same rows explicitly must agree
     t, s = _case("ties")

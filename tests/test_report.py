@@ -121,3 +121,59 @@ def test_undefined_metrics_are_null_in_json_and_na_in_pages(data):
     assert re.search(r"Precision \(PPV\)\s+n/a", format_text(ev))
     page = render_html(ev)
     assert "n/a" in page and "No confidence intervals" in page and "95% CI" not in page
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, for a real ENOSPC. Needs root (or CAP_SYS_ADMIN); skipped otherwise."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_leaves_the_old_report_whole_and_no_empty_files(written, small_disk):
+    """Today a full disk leaves a 0-byte report.html; now each file is old or new, never cut."""
+    ev, _ = written
+    out = small_disk / "report"
+    paths = write_report(ev, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"predictions.csv", "metrics.json", "report.html"}
+    free = __import__("os").statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 8192))  # leave 8 KiB
+    with pytest.raises(OSError) as e:
+        write_report(ev, out)
+    assert e.value.errno == 28  # ENOSPC
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file left
+    filler.unlink()
+    fresh = small_disk / "fresh"
+    fresh.mkdir()
+    filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 8192))
+    with pytest.raises(OSError):
+        write_report(ev, fresh)
+    assert list(fresh.iterdir()) == []  # not a 0-byte report.html
+    assert paths["report"].read_bytes() == before["report.html"]
+
+
+def test_predictions_csv_neutralises_formulas_and_round_trips(data, tmp_path):
+    from fxscore import csvsafe
+    from fxscore.report import predictions_csv
+
+    rows = [{"path": p, "probability": 0.25, "label": "not fractured", "threshold": 0.5,
+             "model_id": "m", "sha256": "", "error": "", "true_label": "fractured"}
+            for p in ("=1+1.png", "a\rb.png", "-600.png")]
+    text = predictions_csv(rows)
+    assert [r[0] for r in csv.reader(io.StringIO(text, newline=""))][1:] == [
+        "'=1+1.png", "a\rb.png", "'-600.png"]
+    back = list(csvsafe.read_dicts(io.StringIO(text, newline="")))
+    assert [r["path"] for r in back] == [r["path"] for r in rows]
+    assert list(back[0]) == [*COLUMNS, "true_label"] and back[0]["probability"] == "0.250000"

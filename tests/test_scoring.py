@@ -1,6 +1,7 @@
 """fxscore.scoring: streaming, order-preserving scoring with decoding overlapped."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,10 @@ def mixed(tmp_path_factory) -> list[tuple[str, Path]]:
 
 @pytest.fixture(scope="module")
 def alone(model, mixed) -> dict[str, float]:
-    """Each readable file scored on its own, as a batch of one."""
+    """Each readable file scored on its own, as a batch of one, read by the one rule."""
     params = model.meta.preprocess
-    return {name: float(model.predict(preprocess(read_image(path), params)[None])[0])
+    return {name: float(model.predict(preprocess(read_image(path, min_size=params.input_size),
+                                                 params)[None])[0])
             for name, path in mixed if "broken" not in str(path)}
 
 
@@ -48,7 +50,8 @@ def test_rows_in_input_order_with_errors_in_place(model, mixed, alone, batch_siz
     assert [r["path"] for r in rows] == [name for name, _ in mixed]
     broken = {name for name, _ in find_images(SAMPLE_DATA / "extras" / "broken")}
     for row, (name, path) in zip(rows, mixed):
-        assert set(row) == {"path", "probability", "label", "threshold", "model_id", "error"}
+        assert set(row) == {"path", "probability", "label", "threshold", "model_id", "sha256",
+                            "error"}
         assert row["model_id"] == model.model_id and row["threshold"] == 0.5
         if name in broken:
             assert row["probability"] is None and row["label"] == ""
@@ -98,7 +101,7 @@ def test_label_uses_the_model_threshold(tmp_path):
 
 def test_unexpected_decoder_failure_is_an_error_row(model, tmp_path, monkeypatch):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
-    monkeypatch.setattr(scoring, "read_image", lambda p: np.zeros((4, 4, 4), np.float32))
+    monkeypatch.setattr(scoring, "read_image", lambda source, **kw: np.zeros((4, 4, 4), np.float32))
     [row] = score_items(model, [("a.png", tmp_path / "a.png")])
     assert row["probability"] is None
     assert row["error"].startswith(f"{tmp_path / 'a.png'}: ValueError: preprocess expects")
@@ -111,3 +114,211 @@ def test_empty_input(model):
 def test_bad_batch_size(model):
     with pytest.raises(ValueError, match="batch_size"):
         list(score_items(model, [], batch_size=0))
+
+
+def test_rows_carry_the_sha256_of_the_bytes_scored(model, tmp_path):
+    import hashlib
+
+    a = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(a)
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    rows = list(score_items(model, [("a.png", a), ("bad.png", tmp_path / "bad.png"),
+                                    ("gone.png", tmp_path / "gone.png")]))
+    assert rows[0]["sha256"] == hashlib.sha256(a.read_bytes()).hexdigest() and not rows[0]["error"]
+    # read but not decodable: the hash of what was read; not readable at all: ""
+    assert rows[1]["sha256"] == hashlib.sha256(b"not an image at all").hexdigest()
+    assert rows[1]["error"] and rows[2]["error"] and rows[2]["sha256"] == ""
+
+
+def test_each_file_is_opened_once_and_decoded_from_those_bytes(model, tmp_path, monkeypatch):
+    """The hash and the decode see the same bytes: one open per file, decoding from memory,
+    at reduced scale no smaller than the model's input size."""
+    for i in range(5):
+        Image.fromarray(np.full((64, 48), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    opened, decoded = [], []
+    real_open, real_read = scoring.open_regular, scoring.read_image
+
+    def counting_open(path):
+        opened.append(Path(path).name)
+        return real_open(path)
+
+    def recording_read(source, **kw):
+        decoded.append((type(source).__name__, kw.get("name"), kw.get("min_size")))
+        return real_read(source, **kw)
+
+    monkeypatch.setattr(scoring, "open_regular", counting_open)
+    monkeypatch.setattr(scoring, "read_image", recording_read)
+    items = [(f"{i}.png", tmp_path / f"{i}.png") for i in range(5)]
+    rows = list(score_items(model, items, workers=2))
+    assert all(not r["error"] for r in rows)
+    assert sorted(opened) == [f"{i}.png" for i in range(5)]  # once each
+    size = model.meta.preprocess.input_size
+    assert sorted(decoded) == sorted(("BytesIO", str(p), size) for _, p in items)
+
+
+def test_a_fifo_met_at_open_is_an_error_row_not_a_hang(model, tmp_path):
+    """As if a listed file were replaced by a FIFO before the decoder got to it."""
+    import threading
+
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    items = [("a.png", tmp_path / "a.png"), ("b.png", tmp_path / "b.png"),
+             ("c.png", tmp_path / "a.png")]
+    rows: list = []
+    t = threading.Thread(target=lambda: rows.extend(score_items(model, items)), daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "scoring blocks on a FIFO"
+    assert [r["path"] for r in rows] == ["a.png", "b.png", "c.png"]
+    assert "not a regular file" in rows[1]["error"] and rows[1]["sha256"] == ""
+    assert not rows[0]["error"] and not rows[2]["error"]
+
+
+def test_threshold_overrides_the_models(tmp_path):
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "g.png")
+    at = load_model(make_model(tmp_path / "a.onnx", make_meta(threshold=0.5), weight=0.0))
+    [row] = score_items(at, [("g.png", tmp_path / "g.png")], threshold=0.7)
+    assert (row["probability"], row["label"], row["threshold"]) == (0.5, "not fractured", 0.7)
+
+
+# ---- the memory budget ------------------------------------------------------------------------
+
+def test_budget_holds_what_fits_and_admits_an_oversized_request_alone():
+    import threading
+
+    budget = scoring.MemoryBudget(100)
+    budget.acquire(60)
+    got = []
+    t = threading.Thread(target=lambda: (budget.acquire(50), got.append(50)), daemon=True)
+    t.start()
+    t.join(0.2)
+    assert not got  # 60 + 50 > 100: waits
+    budget.release(60)
+    t.join(5)
+    assert got == [50] and budget.in_use == 50
+    budget.release(50)
+    budget.acquire(1000)  # larger than the whole budget: admitted, because it is alone
+    assert budget.in_use == 1000 and budget.peak == 1000
+    late = threading.Thread(target=lambda: (budget.acquire(1), got.append(1)), daemon=True)
+    late.start()
+    late.join(0.2)
+    assert got == [50]  # nothing joins an oversized decode
+    budget.release(1000)
+    late.join(5)
+    assert got == [50, 1]
+
+
+def test_budget_is_first_come_first_served():
+    """A large request is not overtaken for ever by small ones arriving after it."""
+    import threading
+    import time
+
+    budget = scoring.MemoryBudget(100)
+    budget.acquire(50)
+    order = []
+
+    def take(n):
+        budget.acquire(n)
+        order.append(n)
+
+    big = threading.Thread(target=take, args=(80,), daemon=True)
+    big.start()
+    time.sleep(0.1)  # the big one queues first
+    small = threading.Thread(target=take, args=(10,), daemon=True)
+    small.start()
+    small.join(0.2)
+    assert order == []  # 50 + 10 would fit, but the big request is ahead of it
+    budget.release(50)
+    big.join(5)
+    small.join(5)
+    assert order == [80, 10]
+
+
+def test_closing_the_budget_wakes_waiters():
+    import threading
+
+    budget = scoring.MemoryBudget(10)
+    budget.acquire(10)
+    seen = []
+
+    def wait():
+        try:
+            budget.acquire(5)
+        except scoring.BudgetClosed:
+            seen.append("closed")
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    budget.close()
+    t.join(5)
+    assert seen == ["closed"]
+
+
+def test_decoding_stays_within_the_budget(model, tmp_path, monkeypatch):
+    """With 4 workers and room for about two images, at most two are decoded at once, and an
+    image larger than the whole budget is still scored (alone)."""
+    import threading
+    import time
+
+    for i in range(8):
+        Image.fromarray(np.full((200, 200), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    Image.fromarray(np.full((6000, 6000), 200, np.uint8)).save(tmp_path / "huge.png")
+    items = [(f"{i}.png", tmp_path / f"{i}.png") for i in range(8)]
+    items.insert(4, ("huge.png", tmp_path / "huge.png"))
+
+    def estimate(path: Path) -> int:
+        with open(path, "rb") as f:
+            return scoring.estimate_nbytes(f, path.stat().st_size, model.meta.preprocess.input_size)
+
+    budget = scoring.MemoryBudget(int(2.5 * estimate(tmp_path / "0.png")))
+    active, most = [0], [0]
+    lock = threading.Lock()
+    real_read = scoring.read_image
+
+    def slow_read(source, **kw):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real_read(source, **kw)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(scoring, "read_image", slow_read)
+    rows = list(score_items(model, items, batch_size=3, workers=4, memory=budget))
+    assert [r["path"] for r in rows] == [name for name, _ in items]
+    assert all(not r["error"] for r in rows)
+    assert most[0] == 2
+    huge = estimate(tmp_path / "huge.png")
+    assert huge > budget.limit and budget.peak == huge  # admitted alone, never refused
+    assert budget.in_use == 0
+
+
+def test_estimate_counts_the_decoded_pixels(tmp_path):
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "rgb.png")
+    (tmp_path / "junk.png").write_bytes(b"x" * 1000)
+    path = tmp_path / "rgb.png"
+    with open(path, "rb") as f:
+        n = scoring.estimate_nbytes(f, path.stat().st_size)
+        assert f.tell() == 0  # ready for the read that follows
+    assert n >= 300 * 400 * 3
+    with open(tmp_path / "junk.png", "rb") as f:
+        assert scoring.estimate_nbytes(f, 1000) == 1000 + int(
+            scoring.DECODE_OVERHEAD * scoring.UNKNOWN_FACTOR * 1000) + scoring.PER_FILE
+
+
+def test_model_input_is_the_one_reading_rule(model, tmp_path):
+    """What score_items feeds the model: the reduced-scale read, the same for a path or bytes."""
+    import io
+
+    x = np.arange(2400, dtype=np.float32)
+    Image.fromarray((np.add.outer(x, x[:1800]) % 256).astype(np.uint8)).save(tmp_path / "big.jpg")
+    params = model.meta.preprocess
+    expected = preprocess(read_image(tmp_path / "big.jpg", min_size=params.input_size), params)
+    from_path = scoring.model_input(tmp_path / "big.jpg", params)
+    from_bytes = scoring.model_input(io.BytesIO((tmp_path / "big.jpg").read_bytes()), params)
+    assert np.array_equal(from_path, expected) and np.array_equal(from_bytes, expected)
+    [row] = score_items(model, [("big.jpg", tmp_path / "big.jpg")])
+    assert row["probability"] == pytest.approx(float(model.predict(expected[None])[0]), abs=1e-6)

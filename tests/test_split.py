@@ -170,3 +170,57 @@ def test_real_split_passes_audit_with_zero_cross_split_groups(tmp_path):
     assert len(after.files) == len(plan.placed)
     assert after.leaked_groups == []
     assert [lk["leaked"] for lk in after.leaks] == [0, 0, 0]
+
+
+AWKWARD_NAMES = ["=HYPERLINK(\"evil.example\",\"y\").png", "@SUM(1).png", "-600.png", "+1.png",
+                 "with,comma.png", "with\nnewline.png", "with\rcr.png", " spaced .png",
+                 "'quoted.png", os.fsdecode(b"caf\xe9.png"), "back\\xslash.png"]
+
+
+def test_manifest_round_trips_awkward_names_and_neutralises_formulas(tmp_path):
+    """Built without images: a plan whose file names hold formulas, CR/LF and undecodable
+    bytes is laid out, and read_manifest gives back names that open the laid-out files."""
+    data = tmp_path / "data"
+    placed = []
+    for i, name in enumerate(AWKWARD_NAMES):
+        (data / "a").mkdir(parents=True, exist_ok=True)
+        (data / "a" / name).write_bytes(b"x%d" % i)
+        placed.append(S.Placement(f"a/{name}", "train" if i % 2 else "test", "a", i + 1,
+                                  f"{i:064x}", f"{'train' if i % 2 else 'test'}/a/{name}"))
+    excluded = [{"source": f"a/{AWKWARD_NAMES[0]}", "reason": "=exact copy", "group": 1,
+                 "sha256": ""}]
+    plan = S.SplitPlan(S.SplitConfig(seed=0), placed, excluded)
+    S.write_split(plan, data, tmp_path / "clean")
+    raw = (tmp_path / "clean" / "manifest.csv").read_bytes()
+    raw.decode("utf-8")  # valid UTF-8 with undecodable names in it
+    for name in ("manifest.csv", "excluded.csv"):  # no cell a spreadsheet would run
+        with open(tmp_path / "clean" / name, newline="", encoding="utf-8") as f:
+            cells = [c for r in csv.reader(f) for c in r]
+        assert not [c for c in cells if c.startswith(("=", "@", "+", "-", "\t", "\r"))]
+    assert "'=exact copy" in cells
+    rows = S.read_manifest(tmp_path / "clean" / "manifest.csv")
+    assert sorted(r["path"] for r in rows) == sorted(p.path for p in placed)
+    for r in rows:
+        assert (tmp_path / "clean" / r["path"]).exists() and (data / r["source"]).exists()
+    ex = S.read_manifest(tmp_path / "clean" / "excluded.csv")
+    assert ex == [{"source": f"a/{AWKWARD_NAMES[0]}", "reason": "=exact copy", "group": "1",
+                   "sha256": ""}]
+
+
+def test_split_groups_script_reads_and_writes_through_csvsafe(tmp_path):
+    from fxscore import csvsafe
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    placed = []
+    for i, name in enumerate(AWKWARD_NAMES):
+        (data / "a" / name).write_bytes(b"y%d" % i)
+        placed.append(S.Placement(f"a/{name}", "test", "a", i + 1, f"{i:064x}", f"test/a/{name}"))
+    S.write_split(S.SplitPlan(S.SplitConfig(seed=0), placed, []), data, tmp_path / "clean")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "split_groups.py"
+    r = subprocess.run(["timeout", "60", sys.executable, str(script), str(tmp_path / "clean"),
+                        "test"], capture_output=True, check=True)
+    import io
+    rows = list(csvsafe.read_rows(io.StringIO(r.stdout.decode("utf-8"), newline="")))
+    assert rows[0] == ["path", "group"]
+    assert sorted(rows[1:]) == sorted([f"a/{n}", str(i + 1)] for i, n in enumerate(AWKWARD_NAMES))

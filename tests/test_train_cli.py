@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import urllib.error
 from pathlib import Path
@@ -48,6 +49,10 @@ def test_tiny_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert "epoch 1/2" in result.stderr and "epoch 2/2" in result.stderr
     assert "best epoch" in result.stderr and "fxscore export" in result.stderr
+    # progress in a log (stderr is not a terminal here): one plain line per finished stage
+    assert "train decode train: 16/16 files (100%)" in result.stderr
+    assert re.search(r"^train epoch 2/2: \d+/\d+ images \(100%\)", result.stderr, re.M)
+    assert "\r" not in result.stderr
     assert result.stdout == ""  # everything human goes to stderr
     doc = json.loads((tmp_path / "run" / "config.json").read_text())
     assert doc["config"]["image_size"] == 32 and doc["config"]["freeze"] == "backbone"
@@ -80,7 +85,8 @@ def test_unreadable_files_exit_3(tmp_path):
     result = invoke(data, "--out", tmp_path / "run", *QUICK, "--limit-per-class", "100",
                     "--epochs", "1")
     assert result.exit_code == EXIT_SOME_FAILED, result.output
-    assert "1 file(s) could not be read" in result.stderr and "train.log" in result.stderr
+    assert "1 file could not be read and was skipped" in result.stderr
+    assert "train.log" in result.stderr
     assert "truncated.png" in (tmp_path / "run/train.log").read_text()
 
 
@@ -141,4 +147,39 @@ def test_without_torch_the_error_says_what_to_install(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     assert invoke("--help").exit_code == 0
     result = invoke(SAMPLE, "--out", tmp_path / "run", *QUICK)
-    assert result.exit_code == 1 and 'pip install "fxscore[train]"' in result.output
+    assert result.exit_code == 1 and 'pip install ".[train]"' in result.output
+    # the README's install command, word for word
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert 'pip install ".[train]"' in readme and "fxscore[train]" not in readme
+
+
+def test_ctrl_c_prints_one_line_that_says_how_to_continue(tmp_path):
+    """A real training process interrupted after its first epoch: exit 130 and ONE line,
+    "interrupted (Ctrl-C); continue with: fxscore train ... --resume", nothing else."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    # --epochs 50 and no early stopping: still busy when the signal comes
+    args = [a if a != "2" else "50" for a in QUICK] + ["--patience", "0"]
+    cmd = [sys.executable, "-m", "fxscore.cli", "train", str(SAMPLE), "--out", str(out), *args]
+    proc = subprocess.Popen(["timeout", "300", *cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("epoch 1/50"):
+                proc.send_signal(signal.SIGINT)  # `timeout` forwards it to fxscore
+                break
+        rest = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert lines and lines[-1].startswith("epoch 1/50"), "".join(lines)
+    assert proc.returncode == 130, rest
+    hint = f"interrupted (Ctrl-C); continue with: fxscore train {SAMPLE} --out {out} --resume"
+    after = rest.strip().splitlines()  # an epoch may have been logged before the signal landed
+    assert after[-1] == hint and [x for x in after if "interrupt" in x] == [hint], rest
+    assert not any(w in rest for w in ("Traceback", "Aborted", "KeyboardInterrupt"))

@@ -13,7 +13,7 @@ from fxscore.contract import Preprocess  # noqa: E402
 from fxscore.images import read_image  # noqa: E402
 from fxscore.preprocess import preprocess  # noqa: E402
 from fxscore.train.data import (DataError, EpochBatches, TrainViews, chunks, decode,  # noqa: E402
-                                discover, epoch_order, fingerprint)
+                                Sample, discover, epoch_order, fingerprint)
 from fxscore.train.presets import EvalPreset, TrainPreset  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -163,3 +163,23 @@ def test_train_views_are_keyed_not_stateful():
                                                          num_workers=2)]
     for a, b in zip(inline, forked, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_decode_reads_as_the_scorer_reads(tmp_path):
+    """With the input size, a large JPEG is decoded at reduced scale exactly as the scorer's
+    `model_input` decodes it (no train/serve skew); without it, in full, which differs."""
+    from PIL import Image
+
+    from fxscore.scoring import model_input
+
+    rng = np.random.default_rng(0)
+    texture = (rng.random((1600, 1200)) * 255).astype(np.uint8)
+    path = tmp_path / "data" / "val" / "fractured" / "big.jpg"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(texture).save(path, quality=90)
+    params = Preprocess(input_size=(64, 64))
+    samples = [Sample(path, 1)]
+    [scorer_like] = decode(samples, EvalPreset(params), min_size=params.input_size).arrays
+    np.testing.assert_array_equal(scorer_like, model_input(path, params))
+    [full] = decode(samples, EvalPreset(params)).arrays
+    assert not np.array_equal(full, scorer_like)

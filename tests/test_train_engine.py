@@ -221,3 +221,21 @@ def test_trains_on_a_slice_of_the_real_xrays(tmp_path, real_data_root):
     assert f"{len(result.unreadable)} unreadable skipped" in log
     doc = json.loads((tmp_path / "run/config.json").read_text())
     assert doc["files"] == {"train": 80, "val": 80, "test": 80}
+
+
+def test_every_split_is_read_as_the_scorer_reads(tmp_path, monkeypatch):
+    """train/, val/ and test/ are decoded with the model's input size as min_size, the
+    scorer's reading rule (reduced-scale decoding of large files)."""
+    from fxscore.train import engine
+
+    seen = []
+    real = engine.decode
+
+    def recording(samples, transform, *args, **kw):
+        seen.append((args[2] if len(args) > 2 else kw.get("label"), kw.get("min_size")))
+        return real(samples, transform, *args, **kw)
+
+    monkeypatch.setattr(engine, "decode", recording)
+    fit(config(tmp_path / "run", epochs=1, limit_per_class=4))
+    assert sorted(seen) == [("decode test", (32, 32)), ("decode train", (32, 32)),
+                            ("decode val", (32, 32))]

@@ -100,6 +100,35 @@ def resumed_config(saved: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({**saved.to_dict(), **changes})
 
 
+PATH_OPTIONS = ("data", "out", "pretrained")  # options that may name a place on this machine
+DATA_ROOT = "."  # how a portable config names the data root itself
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without the places of the machine that ran it, for a shipped model.
+
+    Paths are written relative to the data root: the root itself is ".", a place inside it
+    its relative path, any other place its last component only (a run folder "run", a
+    weights file "resnet18.pth"). The data itself is identified by its fingerprint, which
+    travels beside the config. Names that are not paths ("imagenet", "none") stay as they are.
+    """
+    out = dict(config)
+    root = config.get("data")
+    root = Path(os.path.abspath(root)) if isinstance(root, str) and root else None
+    for key in PATH_OPTIONS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if key == "pretrained" and value in ("imagenet", "none"):
+            continue
+        path = Path(os.path.abspath(value))
+        if root is not None and (path == root or root in path.parents):
+            out[key] = path.relative_to(root).as_posix() if path != root else DATA_ROOT
+        else:
+            out[key] = path.name
+    return out
+
+
 def versions() -> dict[str, str]:
     """Package versions that decide what a run computes."""
     import numpy

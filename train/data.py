@@ -1,8 +1,10 @@
 """Labelled X-ray folders: discovery, the data fingerprint, one decode pass, the training views.
 
 DATA/{train,val[,test]}/<class>/... holds the images (sub-folders allowed). Every file is read
-through `fxscore.images.read_image`, so DICOM, 16-bit and misnamed files behave exactly as they
-do in the scorer; files it cannot read are listed and skipped, never fatal.
+through the scorer's one reading rule (`fxscore.images.read_image` with the model's input size
+as `min_size`, as `fxscore.scoring.model_input` reads), so DICOM, 16-bit, misnamed and large
+files (decoded at reduced scale) give the network exactly what scoring gives it; files it cannot
+read are listed and skipped, never fatal.
 
 Datasets hold decoded arrays (decoded once, see `presets.SHRINK_FACTOR`) and plain numbers, so
 they pickle to DataLoader workers; augmentation randomness is keyed by (view, index), never by
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from fxscore.files import find_images
-from fxscore.fingerprint import sha256_file
+from fxscore.hashing import sha256_file
 from fxscore.images import ImageReadError, read_image
 
 from .presets import TrainPreset
@@ -128,11 +130,17 @@ class Decoded:
 
 def decode(samples: Sequence[Sample], transform: Callable[[np.ndarray], np.ndarray],
            threads: int = 1, progress: Optional[Progress] = None,
-           label: str = "decode") -> Decoded:
-    """read_image + transform every file (threads overlap the I/O); unreadable files are skipped."""
+           label: str = "decode", *, min_size: Optional[tuple[int, int]] = None) -> Decoded:
+    """read_image + transform every file (threads overlap the I/O); unreadable files are skipped.
+
+    min_size: the model's input size (h, w), so that files are read as the scorer reads them
+    (reduced-scale decoding of large files, never below what that size needs): with
+    `EvalPreset(params)` as transform this is `fxscore.scoring.model_input` exactly. Pass it
+    for anything the network sees; None decodes every file in full.
+    """
     def one(s: Sample):
         try:
-            return transform(read_image(s.path)), None
+            return transform(read_image(s.path, min_size=min_size)), None
         except ImageReadError as e:
             return None, str(e)
 

@@ -30,7 +30,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from fxscore.contract import Preprocess
-from fxscore.model import available_cpus
+from fxscore.cpus import available_cpus
 
 from .config import TrainConfig, resumed_config, versions, write_config
 from .data import (Decoded, DataError, EpochBatches, TrainViews, decode, discover,
@@ -259,9 +259,13 @@ class _Run:
 def _decode_splits(cfg: TrainConfig, layout, params: Preprocess, threads: int,
                    progress: Optional[Progress], say: RunLog) -> tuple[Decoded, Decoded, list]:
     """Decode train/ (shrunk, for augmentation) and val/ (the scorer's preprocessing) once."""
+    # Read as the scorer reads (min_size: reduced-scale decoding of large files), so that the
+    # network never sees an image the scorer would not give it: no train/serve skew.
     train = decode(layout.splits["train"], lambda im: shrink_for_augmentation(
-        im, params.input_size, params.resize), threads, progress, "decode train")
-    val = decode(layout.splits["val"], EvalPreset(params), threads, progress, "decode val")
+        im, params.input_size, params.resize), threads, progress, "decode train",
+        min_size=params.input_size)
+    val = decode(layout.splits["val"], EvalPreset(params), threads, progress, "decode val",
+                 min_size=params.input_size)
     unreadable = [(str(p), e) for p, e in train.failures + val.failures]
     for _, reason in unreadable:
         say(f"skipped unreadable file: {reason}")
@@ -443,8 +447,18 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
     (out / "metrics.json").write_text(json.dumps(
         {"best_epoch": best_epoch, "stop_reason": stop, "val": _json_safe(best_metrics),
          "test": _json_safe(result.test_metrics) if result.test_metrics else None,
-         "unreadable": [p for p, _ in result.unreadable]}, indent=2) + "\n")
+         "unreadable": [_in_data(p, layout.root) for p, _ in result.unreadable]}, indent=2)
+        + "\n")
     return result
+
+
+def _in_data(path: str, root: Path) -> str:
+    """A file of the data as metrics.json names it: relative to the data root (run folders
+    travel; the build machine's folders are nobody's business)."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def _test(model: nn.Module, samples, best_path: Path, params: Preprocess, criterion: nn.Module,
@@ -452,7 +466,8 @@ def _test(model: nn.Module, samples, best_path: Path, params: Preprocess, criter
           progress: Optional[Progress], say: RunLog, result: FitResult) -> dict[str, float]:
     """The best checkpoint on test/, through the scorer's own preprocessing."""
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    test = decode(samples, EvalPreset(params), threads, progress, "decode test")
+    test = decode(samples, EvalPreset(params), threads, progress, "decode test",
+                  min_size=params.input_size)
     for _, reason in test.failures:
         say(f"skipped unreadable file: {reason}")
     result.unreadable += [(str(p), e) for p, e in test.failures]

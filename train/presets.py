@@ -1,7 +1,8 @@
 """What the network sees in training and in evaluation, side by side.
 
-Evaluation is the scorer's own preprocessing, imported: `preprocess(read_image(path))`, nothing
-else. Training augmentation only changes *which* pixels reach that same function: the seed's
+Evaluation is the scorer's own reading rule, imported: `preprocess(read_image(path,
+min_size=input size))` (`fxscore.scoring.model_input`; `data.decode` reads every split so),
+nothing else. Training augmentation only changes *which* pixels reach that same function: the seed's
 RandomResizedCrop, RandomHorizontalFlip and RandomRotation(10), applied to the float intensity
 image (so 16-bit and DICOM precision survives), then `preprocess` normalises it. The crop is
 resized with the scorer's `resize`, so training and serving share the resampling filter too.

@@ -1,0 +1,437 @@
+"""Graph surgery without PyTorch: give an fxscore model the outputs heatmaps and the OOD flag need.
+
+    data, meta = augment(model_bytes, meta)                   # + feature_map, pooled outputs
+    data, meta = augment(model_bytes, meta, ood=stats)        # + ood_score (fxscore.ood)
+
+An fxscore graph ends in global average pooling, one linear layer and a sigmoid:
+
+    ... -> feature map [N, K, h, w] -> GlobalAveragePool / ReduceMean(2, 3) -> (Reshape,
+    Flatten) -> pooled [N, K] -> Gemm / MatMul (+ Add) -> logit -> (Squeeze) -> Sigmoid
+
+`find_head` walks back from the probability output to find the last feature map, the pooled
+features and the head's weights and bias (initializers, or DequantizeLinear of initializers in
+a graph whose head was quantised), stepping over QuantizeLinear/DequantizeLinear pairs, so it
+works on fp32 graphs and int8 QDQ graphs alike. `augment` adds the two tensors as named graph
+outputs (through Identity nodes, so the names are fixed whatever the exporter called them),
+stores the head in the contract (`cam`: weights, bias, cell grid) and, given OOD statistics,
+adds the Mahalanobis distance of the pooled features as a third output:
+
+    ood_score = sqrt(sum(((pooled - mean) @ W) ** 2, axis=1)),  W = V diag(1/sqrt(lambda))
+
+with V, lambda the eigenvectors and eigenvalues of the shrunk covariance; mean and W are graph
+initializers, covered by the model's digest like every weight. Nothing in front of the pooling
+changes, so the probability is bit-identical to the source model's (tested), and the int8
+cross-CPU rule (exact integer kernels, float head) covers the feature map too: it is the
+dequantised output of the last integer block.
+
+Needs the `onnx` package (a core dependency, torch-free); imported only here, not on the
+scoring path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from .contract import ModelMeta
+from .graph_outputs import FEATURE_MAP, OOD_SCORE, POOLED, PROBABILITY
+
+if TYPE_CHECKING:
+    import os
+    from pathlib import Path
+
+    import onnx
+
+    from .ood import OodStats
+
+PREFIX = "fxscore_explain/"  # names of the nodes and initializers added here
+POOL_OPS = ("GlobalAveragePool", "ReduceMean")
+SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+LINEAR_OPS = ("Gemm", "MatMul")
+
+
+class ExplainGraphError(ValueError):
+    """The graph is not shaped like an fxscore CNN (pooling -> one linear layer -> sigmoid)."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """What `find_head` found: tensor names in the graph and the head's parameters."""
+
+    probability: str  # the graph output
+    feature_map: str  # input of the global pooling: [N, K, h, w]
+    pooled: str  # float pooled features, [N, K] (None-shaped GAP output gets a Flatten)
+    pooled_needs_flatten: bool  # the pooled tensor is [N, K, 1, 1]
+    weights: np.ndarray  # float64 [K]: logit = weights . pooled + bias
+    bias: float
+
+
+def _attr(node, name: str, default: Any = None) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Graph:
+    """Producers, constants and helpers over a GraphProto."""
+
+    def __init__(self, graph) -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.init = {i.name: i for i in graph.initializer}
+        self._np = numpy_helper
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (initializer, Constant node, or DequantizeLinear of
+        constants), else None."""
+        if name in self.init:
+            return self._np.to_array(self.init[name])
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            value = _attr(node, "value")
+            return None if value is None else self._np.to_array(value)
+        if node.op_type == "DequantizeLinear":
+            parts = [self.constant(i) if i else None for i in node.input]
+            if parts[0] is None or parts[1] is None:
+                return None
+            q = parts[0].astype(np.float64)
+            scale = parts[1].astype(np.float64)
+            zero = (parts[2].astype(np.float64) if len(parts) > 2 and parts[2] is not None
+                    else np.zeros_like(scale))
+            if scale.ndim == 1 and q.ndim > 1:  # per-axis
+                axis = _attr(node, "axis", 1) % q.ndim
+                shape = [1] * q.ndim
+                shape[axis] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            return (q - zero) * scale
+        return None
+
+    def data_input(self, node) -> str | None:
+        """The one non-constant input of a node (its data path), or None."""
+        data = [i for i in node.input if i and self.constant(i) is None]
+        return data[0] if len(data) == 1 else None
+
+    def step_back(self, name: str, ops: tuple[str, ...]) -> str:
+        """Follow producers of type `ops` back from tensor `name`; return where that stops."""
+        for _ in range(len(self.graph.node)):
+            node = self.producer.get(name)
+            if node is None or node.op_type not in ops:
+                return name
+            prev = self.data_input(node)
+            if prev is None:
+                return name
+            name = prev
+        return name
+
+
+def _fail(why: str) -> ExplainGraphError:
+    return ExplainGraphError(
+        f"{why}. Heatmaps and the OOD flag need an fxscore CNN head: global average pooling, "
+        "one linear layer with a single logit, and a sigmoid (what `fxscore export` writes); "
+        "this graph cannot get them")
+
+
+def find_head(proto: "onnx.ModelProto") -> Head:
+    """Locate feature map, pooled features and the linear head; raise ExplainGraphError."""
+    g = _Graph(proto.graph)
+    if not proto.graph.output:
+        raise _fail("the graph has no outputs")
+    probability = proto.graph.output[0].name
+    # output <- (QDQ, shape ops) <- Sigmoid
+    t = g.step_back(probability, QDQ_OPS + SHAPE_OPS)
+    node = g.producer.get(t)
+    if node is None or node.op_type != "Sigmoid":
+        raise _fail(f"the output '{probability}' does not come from a Sigmoid")
+    # Sigmoid <- (QDQ, shape ops, a bias Add) <- Gemm / MatMul
+    t = g.data_input(node)
+    bias_add = None
+    for _ in range(len(proto.graph.node)):
+        t = g.step_back(t, QDQ_OPS + SHAPE_OPS)
+        node = g.producer.get(t)
+        if node is not None and node.op_type == "Add" and bias_add is None:
+            bias_add = node
+            t = g.data_input(node)
+            if t is None:
+                raise _fail("the Add in the head has no single data input")
+            continue
+        break
+    if node is None or node.op_type not in LINEAR_OPS:
+        raise _fail(f"no Gemm/MatMul in front of the sigmoid (found "
+                    f"{node.op_type if node is not None else 'a graph input'})")
+    weights, bias = _linear(g, node, bias_add)
+    x = node.input[0]
+    if g.constant(x) is not None:
+        raise _fail("the linear layer's first input is a constant")
+    # Gemm input <- (QDQ) <- pooled: the float tensor the pooling side produced
+    pooled = g.step_back(x, QDQ_OPS)
+    t = g.step_back(pooled, SHAPE_OPS + QDQ_OPS)
+    pool = g.producer.get(t)
+    if pool is None or pool.op_type not in POOL_OPS:
+        raise _fail(f"no global average pooling in front of the linear layer (found "
+                    f"{pool.op_type if pool is not None else 'a graph input'})")
+    if pool.op_type == "ReduceMean":
+        _check_reduce_mean(g, pool)
+    feature_map = pool.input[0]
+    needs_flatten = False
+    if pooled == t:  # the pooling output feeds the head directly
+        keep = pool.op_type == "GlobalAveragePool" or _attr(pool, "keepdims", 1) == 1
+        needs_flatten = bool(keep)
+    return Head(probability=probability, feature_map=feature_map, pooled=pooled,
+                pooled_needs_flatten=needs_flatten, weights=weights, bias=bias)
+
+
+def _check_reduce_mean(g: _Graph, node) -> None:
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = g.constant(node.input[1])
+        axes = None if value is None else [int(a) for a in np.ravel(value)]
+    if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
+        raise _fail(f"the ReduceMean in front of the head reduces axes {axes}, not the two "
+                    "spatial axes of an NCHW feature map")
+
+
+def _linear(g: _Graph, node, bias_add) -> tuple[np.ndarray, float]:
+    """(weights [K], bias) of a single-logit Gemm, or MatMul + Add."""
+    w = g.constant(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        raise _fail(f"the {node.op_type}'s weights are not constants")
+    w = np.asarray(w, dtype=np.float64)
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            raise _fail("the Gemm transposes its input (transA)")
+        if _attr(node, "transB", 0):
+            w = w.T
+        w = w * float(_attr(node, "alpha", 1.0))
+        c = g.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and c is None:
+            raise _fail("the Gemm's bias is not a constant")
+        bias = 0.0 if c is None else float(np.ravel(c)[0]) * float(_attr(node, "beta", 1.0))
+        if c is not None and np.size(c) != 1:
+            raise _fail(f"the Gemm's bias has {np.size(c)} values, not one")
+    else:
+        bias = 0.0
+    if w.ndim != 2 or w.shape[1] != 1:
+        raise _fail(f"the linear layer maps to {w.shape[1] if w.ndim == 2 else w.shape} "
+                    "values, not one logit")
+    if bias_add is not None:
+        c = [g.constant(i) for i in bias_add.input]
+        c = [v for v in c if v is not None]
+        if len(c) != 1 or np.size(c[0]) != 1:
+            raise _fail("the Add after the linear layer is not a single bias value")
+        bias += float(np.ravel(c[0])[0])
+    return w[:, 0].copy(), bias
+
+
+def _unique(taken: set[str], name: str) -> str:
+    out, i = name, 1
+    while out in taken:
+        i += 1
+        out = f"{name}_{i}"
+    taken.add(out)
+    return out
+
+
+def _opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _inferred_shape(proto, tensor: str) -> list[Any] | None:
+    """The tensor's shape from onnx's shape inference, dims as int or str; None if unknown."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - shape inference is a nicety here
+        return None
+    g = inferred.graph
+    for vi in [*g.value_info, *g.output, *g.input]:
+        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim]
+    return None
+
+
+def add_explain_outputs(proto: "onnx.ModelProto") -> tuple[dict[str, str], dict[str, Any], Head]:
+    """Add `feature_map` and `pooled` outputs to `proto` in place (idempotent).
+
+    Returns (contract `outputs`, contract `cam`, the head found).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    head = find_head(proto)
+    graph = proto.graph
+    existing = {o.name for o in graph.output}
+    taken = {t for n in graph.node for t in (*n.input, *n.output)} | existing | {
+        i.name for i in graph.initializer} | {i.name for i in graph.input}
+    k = len(head.weights)
+    fm_shape = _inferred_shape(proto, head.feature_map)
+    if fm_shape is not None and len(fm_shape) != 4:
+        raise _fail(f"the pooling's input has {len(fm_shape)} dimensions, not 4 (NCHW)")
+    if fm_shape is not None and isinstance(fm_shape[1], int) and fm_shape[1] != k:
+        raise _fail(f"the feature map has {fm_shape[1]} channels but the head reads {k}")
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    batch_dim = batch.dim_param or "N" if not batch.HasField("dim_value") else batch.dim_value
+    outputs = {PROBABILITY: head.probability}
+    for role, source, shape in (
+            (FEATURE_MAP, head.feature_map,
+             [batch_dim, k, *(fm_shape[2:] if fm_shape else [None, None])]),
+            (POOLED, head.pooled, [batch_dim, k])):
+        if role in existing and any(n.op_type == "Identity" and n.output[0] == role
+                                    and n.name.startswith(PREFIX) for n in graph.node):
+            outputs[role] = role  # added before: augmenting twice changes nothing
+            continue
+        name = _unique(taken, role)
+        src = source
+        if role == POOLED and head.pooled_needs_flatten:
+            src = _unique(taken, PREFIX + "pooled_flat")
+            graph.node.append(helper.make_node("Flatten", [source], [src], axis=1,
+                                               name=_unique(taken, PREFIX + "flatten")))
+        graph.node.append(helper.make_node("Identity", [src], [name],
+                                           name=_unique(taken, PREFIX + role)))
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        outputs[role] = name
+    cells = [int(d) for d in fm_shape[2:]] if fm_shape and all(
+        isinstance(d, int) and d > 0 for d in fm_shape[2:]) else None
+    cam: dict[str, Any] = {"weights": [float(v) for v in head.weights], "bias": head.bias}
+    if cells:
+        cam["cells"] = cells
+    onnx.checker.check_model(proto)
+    return outputs, cam, head
+
+
+def add_ood_output(proto: "onnx.ModelProto", pooled: str, mean: np.ndarray,
+                   whitening: np.ndarray) -> str:
+    """Add `ood_score` = ||(pooled - mean) @ whitening|| to `proto` in place; return its name.
+
+    An earlier ood_score (and its initializers) is replaced.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    _remove_ood(graph)
+    taken = {t for n in graph.node for t in (*n.input, *n.output)} | {
+        o.name for o in graph.output} | {i.name for i in graph.initializer} | {
+        i.name for i in graph.input}
+    k = len(mean)
+    if whitening.shape[0] != k:
+        raise ValueError(f"whitening is {whitening.shape}, features have {k} dimensions")
+    names = {key: _unique(taken, PREFIX + key) for key in
+             ("ood_mean", "ood_whitening", "ood_axes", "ood_centred", "ood_z", "ood_z2",
+              "ood_d2")}
+    graph.initializer.extend([
+        numpy_helper.from_array(mean.astype(np.float32), names["ood_mean"]),
+        numpy_helper.from_array(whitening.astype(np.float32), names["ood_whitening"])])
+    reduce_kw: dict[str, Any] = {"keepdims": 0}
+    reduce_in = [names["ood_z2"]]
+    if _opset(proto) >= 13:  # ReduceSum takes its axes as an input from opset 13 on
+        graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64),
+                                                         names["ood_axes"]))
+        reduce_in.append(names["ood_axes"])
+    else:
+        reduce_kw["axes"] = [1]
+    out = _unique(taken, OOD_SCORE)
+    graph.node.extend([
+        helper.make_node("Sub", [pooled, names["ood_mean"]], [names["ood_centred"]],
+                         name=PREFIX + "ood_sub"),
+        helper.make_node("MatMul", [names["ood_centred"], names["ood_whitening"]],
+                         [names["ood_z"]], name=PREFIX + "ood_matmul"),
+        helper.make_node("Mul", [names["ood_z"], names["ood_z"]], [names["ood_z2"]],
+                         name=PREFIX + "ood_square"),
+        helper.make_node("ReduceSum", reduce_in, [names["ood_d2"]], name=PREFIX + "ood_sum",
+                         **reduce_kw),
+        helper.make_node("Sqrt", [names["ood_d2"]], [out], name=PREFIX + "ood_sqrt")])
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    batch_dim = batch.dim_param or "N" if not batch.HasField("dim_value") else batch.dim_value
+    graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim]))
+    onnx.checker.check_model(proto)
+    return out
+
+
+def _remove_ood(graph) -> None:
+    ours = [n for n in graph.node if n.name.startswith(PREFIX + "ood_")]
+    if not ours:
+        return
+    produced = {o for n in ours for o in n.output}
+    consumed = {i for n in ours for i in n.input}
+    for n in ours:
+        graph.node.remove(n)
+    for o in [o for o in graph.output if o.name in produced]:
+        graph.output.remove(o)
+    for i in [i for i in graph.initializer
+              if i.name in consumed and i.name.startswith(PREFIX + "ood_")]:
+        graph.initializer.remove(i)
+
+
+def augment(data: bytes, meta: ModelMeta, *, ood: "OodStats | None" = None
+            ) -> tuple[bytes, ModelMeta]:
+    """A serialised fxscore model -> (the same model with heatmap outputs, and an OOD output
+    when `ood` is given, metadata and digest re-embedded; its metadata).
+
+    The probability path is untouched. Raises ExplainGraphError for a graph without an
+    fxscore head.
+    """
+    import onnx
+
+    from .modelfile import embed_bytes
+
+    proto = onnx.load_from_string(data)
+    outputs, cam, head = add_explain_outputs(proto)
+    extra: dict[str, Any] = {}
+    if ood is not None:
+        if len(ood.mean) != len(head.weights):
+            raise ValueError(f"OOD statistics have {len(ood.mean)} features, the model's head "
+                             f"reads {len(head.weights)}")
+        pooled_output = outputs[POOLED]
+        outputs[OOD_SCORE] = add_ood_output(proto, pooled_output, ood.mean, ood.whitening())
+        extra["ood"] = ood.contract()
+    elif meta.ood:
+        # Statistics stay with the graph they were fit on; re-augmenting without new ones
+        # keeps them (the ood_score output is still in the graph).
+        outputs[OOD_SCORE] = meta.outputs.get(OOD_SCORE, OOD_SCORE)
+        extra["ood"] = meta.ood
+    new_meta = dataclasses.replace(meta, outputs=outputs, cam=cam, **extra)
+    return embed_bytes(proto.SerializeToString(), new_meta), new_meta
+
+
+def augment_file(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]", *,
+                 ood_files: "Sequence[Path] | None" = None,
+                 false_flag_rate: float | None = None, threads: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write a copy of the fxscore model `source` with heatmap outputs (and, given
+    `ood_files`, OOD statistics fit on them) to `out`, atomically; return what was done.
+
+    The source is loaded with the scorer's loader first (contract, digest or pin checked), so
+    a damaged file is refused rather than given a fresh digest. Torch-free.
+    """
+    from pathlib import Path
+
+    from .atomicfile import write_files
+    from .model import load_model
+
+    src = load_model(source, threads=threads)
+    data, meta = augment(Path(src.path).read_bytes(), src.meta)
+    report: dict[str, Any] = {"source": str(source), "source_integrity": src.integrity,
+                              "outputs": meta.outputs, "cells": meta.cam.get("cells")}
+    if ood_files is not None:
+        from . import ood as ood_mod
+
+        report["ood"] = ood_mod.embed_ood_bytes(data, meta, ood_files, threads=threads,
+                                                false_flag_rate=false_flag_rate,
+                                                progress=progress)
+        data, meta = report["ood"].pop("_result")
+    write_files({Path(out): data})
+    check = load_model(out, threads=threads)  # the scorer's own checks, on what was written
+    report["out"], report["model_id"], report["integrity"] = str(out), check.model_id, check.integrity
+    return report

@@ -1,0 +1,324 @@
+"""The out-of-distribution flag: how unlike the model's validation images an input is.
+
+    stats = fit_ood(model, validation_files)          # torch-free; model needs a pooled output
+    data, meta = explain_graph.augment(model_bytes, model.meta, ood=stats)   # embed
+    ... each scored row then gets ood_score (a distance) and ood (true/false)
+
+Score: the Mahalanobis distance of the model's pooled features (the 512 numbers ResNet18's
+head reads) to the mean of the validation images' features, under a Ledoit-Wolf shrunk
+covariance (a few hundred images cannot estimate a 512 x 512 covariance; shrinking towards a
+scaled identity keeps it invertible and well conditioned, with the amount chosen from the data).
+The distance is computed inside the graph (`explain_graph.add_ood_output`), so the statistics
+are weights covered by the model's digest, and `mahalanobis` here is its numpy reference.
+
+Threshold: chosen on held-out images at a stated false-flag rate (default 1%). The fit images
+are split into `folds` folds by content hash (byte-identical copies stay in one fold); each
+fold's distances are measured under statistics fit on the other folds, and the threshold is
+the ceil((1 - rate) (n + 1))-th smallest of these n out-of-fold distances (the conformal rule:
+a new image from the same distribution is flagged with probability at most `rate`). The
+embedded mean and covariance are then fit on all the images. Near-duplicates that are not
+byte-identical (rotated or cropped copies) can sit in different folds, which makes the
+threshold somewhat low (more false flags), never high.
+
+Left out of the fit: colour images (`images.image_info(decode=True)["has_colour"]`: annotated
+figures, photos; the audit's shortcut flag), so the flag does not learn them as normal, and
+files that cannot be read. What is excluded is counted in the stats.
+
+What a flag means: the input's features are further from the validation images' than all but
+`rate` of held-out validation images. It does not say the probability is wrong, only that
+the model was not validated on anything like it; rows keep their probability and label.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .model import Model
+
+FALSE_FLAG_RATE = 0.01
+FOLDS = 5
+MIN_IMAGES = 20  # fewer validation images cannot say anything about a 1% tail
+METHOD = "mahalanobis-ledoit-wolf"
+MIN_SIDE = 32  # images smaller than this on a side are error rows, not OOD rows (scoring)
+
+
+class OodError(ValueError):
+    """OOD statistics cannot be fit (too few readable images, features degenerate)."""
+
+
+@dataclass
+class OodStats:
+    mean: np.ndarray  # float64 [K]
+    eigenvalues: np.ndarray  # float64 [K], of the shrunk covariance, ascending
+    eigenvectors: np.ndarray  # float64 [K, K], columns
+    shrinkage: float
+    threshold: float
+    false_flag_rate: float
+    fit_images: int
+    holdout_images: int  # out-of-fold distances the threshold was chosen from
+    excluded: dict[str, int] = field(default_factory=dict)  # reason -> images left out
+    holdout_flagged: float = 0.0  # share of out-of-fold distances above the threshold
+
+    def whitening(self) -> np.ndarray:
+        """W with ||(x - mean) @ W|| = Mahalanobis distance: V diag(1 / sqrt(lambda))."""
+        return self.eigenvectors / np.sqrt(self.eigenvalues)[None, :]
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        return mahalanobis(features, self.mean, self.whitening())
+
+    def contract(self) -> dict[str, Any]:
+        """The contract's `ood` key: threshold and how it was chosen (the matrices are graph
+        initializers)."""
+        return {"method": METHOD, "feature": "pooled", "dim": int(len(self.mean)),
+                "threshold": float(self.threshold), "false_flag_rate": float(self.false_flag_rate),
+                "fit_images": int(self.fit_images), "holdout_images": int(self.holdout_images),
+                "holdout_flagged": round(float(self.holdout_flagged), 6),
+                "shrinkage": round(float(self.shrinkage), 6),
+                "excluded": {k: int(v) for k, v in sorted(self.excluded.items())}}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mean, shrunk covariance, shrinkage) of the rows of x, Ledoit & Wolf (2004).
+
+    cov = (1 - s) S + s mu I, S the maximum-likelihood covariance, mu = trace(S) / p, and s
+    the estimate of the optimal shrinkage (the same estimator as scikit-learn's LedoitWolf,
+    written out here so fitting needs only numpy).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    mean = x.mean(axis=0)
+    xc = x - mean
+    emp = xc.T @ xc / n
+    mu = np.trace(emp) / p
+    if n < 2 or mu <= 0:
+        raise OodError(f"cannot fit a covariance to {n} image(s) with constant features")
+    x2 = xc ** 2
+    beta_sum = float(np.sum(x2.T @ x2))
+    delta_sum = float(np.sum(emp ** 2))  # sum((xc.T xc)^2) / n^2
+    beta = (beta_sum / n - delta_sum) / (p * n)
+    delta = (delta_sum - 2 * mu * np.trace(emp) + p * mu ** 2) / p
+    beta = min(beta, delta)
+    s = 0.0 if beta <= 0 or delta <= 0 else beta / delta
+    cov = (1 - s) * emp
+    cov[np.diag_indices(p)] += s * mu
+    return mean, cov, float(s)
+
+
+def mahalanobis(features: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """Distances of the rows of `features` to `mean` under the metric W W^T (float64)."""
+    z = (np.asarray(features, dtype=np.float64) - mean) @ whitening
+    return np.sqrt(np.einsum("ij,ij->i", z, z))
+
+
+def _eigen(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = np.linalg.eigh(cov)
+    floor = max(float(values.max()), 1e-30) * 1e-12  # rounding: never divide by ~0
+    return np.maximum(values, floor), vectors
+
+
+def conformal_threshold(distances: np.ndarray, rate: float) -> float:
+    """The ceil((1 - rate)(n + 1))-th smallest distance (the largest when n is too small)."""
+    d = np.sort(np.asarray(distances, dtype=np.float64))
+    k = math.ceil((1 - rate) * (len(d) + 1))
+    return float(d[min(k, len(d)) - 1])
+
+
+def fold_of(key: str, folds: int) -> int:
+    """The fold of an image, from its content hash: identical files share a fold."""
+    return int(key[:8], 16) % folds if key else 0
+
+
+def fit_features(features: np.ndarray, keys: Sequence[str] | None = None, *,
+                 false_flag_rate: float = FALSE_FLAG_RATE, folds: int = FOLDS,
+                 excluded: dict[str, int] | None = None) -> OodStats:
+    """OOD statistics from pooled features [n, K] (keys: content hashes, for the folds)."""
+    x = np.asarray(features, dtype=np.float64)
+    n = len(x)
+    if not 0 < false_flag_rate < 1:
+        raise OodError(f"the false-flag rate must lie in (0, 1), got {false_flag_rate}")
+    if n < MIN_IMAGES:
+        raise OodError(f"OOD statistics need at least {MIN_IMAGES} readable grey validation "
+                       f"images, got {n}")
+    if not np.isfinite(x).all():
+        raise OodError("the model's pooled features hold NaN or infinite values")
+    keys = list(keys) if keys is not None else [f"{i:08x}" for i in range(n)]
+    fold = np.array([fold_of(k, folds) for k in keys])
+    if len(set(fold.tolist())) < 2:  # all in one fold: fall back to positions
+        fold = np.arange(n) % folds
+    out_of_fold = np.empty(n)
+    for f in sorted(set(fold.tolist())):
+        test = fold == f
+        mean, cov, _ = ledoit_wolf(x[~test])
+        values, vectors = _eigen(cov)
+        out_of_fold[test] = mahalanobis(x[test], mean, vectors / np.sqrt(values)[None, :])
+    threshold = conformal_threshold(out_of_fold, false_flag_rate)
+    mean, cov, shrinkage = ledoit_wolf(x)
+    values, vectors = _eigen(cov)
+    return OodStats(mean=mean, eigenvalues=values, eigenvectors=vectors, shrinkage=shrinkage,
+                    threshold=threshold, false_flag_rate=false_flag_rate, fit_images=n,
+                    holdout_images=n, excluded=dict(excluded or {}),
+                    holdout_flagged=float(np.mean(out_of_fold > threshold)))
+
+
+# ---------------------------------------------------------------------------- from files
+
+
+def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bool = True,
+                    batch_size: int = 32,
+                    progress: Callable[[int], None] | None = None,
+                    ) -> tuple[np.ndarray, list[str], list[Path], dict[str, int]]:
+    """(features [n, K], sha256 of each, the files used, reason -> files left out).
+
+    Each file is read once, hashed, and fed through the scorer's reading rule
+    (`scoring.model_input`); colour images are left out when `exclude_colour`.
+    """
+    import hashlib
+    import io
+
+    from .graph_outputs import POOLED
+    from .images import ImageReadError, image_info
+    from .scoring import model_input
+
+    excluded: dict[str, int] = {}
+    feats: list[np.ndarray] = []
+    keys: list[str] = []
+    used: list[Path] = []
+    batch: list[np.ndarray] = []
+    params = model.meta.preprocess
+
+    def flush() -> None:
+        if batch:
+            feats.append(model.predict_with(np.stack(batch), (POOLED,))[POOLED])
+            batch.clear()
+
+    for i, f in enumerate(files):
+        f = Path(f)
+        try:
+            data = f.read_bytes()
+            if exclude_colour and image_info(io.BytesIO(data), decode=True,
+                                             name=str(f)).get("has_colour"):
+                excluded["colour"] = excluded.get("colour", 0) + 1
+                continue
+            x = model_input(io.BytesIO(data), params, name=str(f))
+        except (ImageReadError, OSError):
+            excluded["unreadable"] = excluded.get("unreadable", 0) + 1
+            continue
+        batch.append(x)
+        keys.append(hashlib.sha256(data).hexdigest())
+        used.append(f)
+        if len(batch) >= batch_size:
+            flush()
+        if progress:
+            progress(i + 1)
+    flush()
+    k = len(model.meta.cam.get("weights", [])) or 0
+    x = np.concatenate(feats) if feats else np.zeros((0, k), np.float32)
+    return x, keys, used, excluded
+
+
+def fit_ood(model: "Model", files: Iterable[Path], *, false_flag_rate: float = FALSE_FLAG_RATE,
+            folds: int = FOLDS, exclude_colour: bool = True,
+            progress: Callable[[int], None] | None = None) -> OodStats:
+    """Fit OOD statistics on `files` (validation images) with `model` (which needs a pooled
+    output: `explain_graph.augment` it first). Torch-free."""
+    x, keys, _, excluded = pooled_features(model, files, exclude_colour=exclude_colour,
+                                           progress=progress)
+    return fit_features(x, keys, false_flag_rate=false_flag_rate, folds=folds,
+                        excluded=excluded)
+
+
+# ---------------------------------------------------------------------------- in rows
+
+
+def ood_cells(score: float | None, threshold: float) -> tuple[float | None, bool | None]:
+    """(ood_score, ood) for a row: flagged when the distance exceeds the threshold."""
+    if score is None:
+        return None, None
+    return float(score), bool(score > threshold)
+
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def embed_ood_bytes(data: bytes, meta: Any, files: Sequence[Path], *,
+                    false_flag_rate: float | None = None, threads: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Fit OOD statistics with the serialised model `data` (metadata `meta`, which must have a
+    pooled output) on `files` and embed them -> {"_result": (bytes, meta), **stats summary}."""
+    import onnxruntime as ort
+
+    from . import explain_graph
+    from .model import Model, session_options
+
+    session = ort.InferenceSession(data, session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    model = Model(session=session, meta=meta, model_id="fitting", path=Path("<model>"))
+    stats = fit_ood(model, files, progress=progress,
+                    false_flag_rate=FALSE_FLAG_RATE if false_flag_rate is None else false_flag_rate)
+    new = explain_graph.augment(data, meta, ood=stats)
+    return {**stats.contract(), "_result": new}
+
+
+def embed_ood(path: str | Path, files: Sequence[Path], *, false_flag_rate: float | None = None,
+              threads: int | None = None,
+              progress: Callable[[int], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Fit OOD statistics with the model file at `path` on `files` and rewrite it in place
+    (atomically) with them -> (its new ModelMeta, the stats summary). For `fxscore export`:
+    call it after int8 quantisation (the quantiser must not see the OOD branch)."""
+    from .atomicfile import write_files
+    from .contract import ModelMeta
+    from .modelfile import read_props
+
+    path = Path(path)
+    data = path.read_bytes()
+    meta = ModelMeta.from_props(read_props(data), str(path))
+    if "pooled" not in meta.outputs:
+        from . import explain_graph
+
+        data, meta = explain_graph.augment(data, meta)
+    summary = embed_ood_bytes(data, meta, files, false_flag_rate=false_flag_rate,
+                              threads=threads, progress=progress)
+    new_data, new_meta = summary.pop("_result")
+    write_files({path: new_data})
+    return new_meta, summary
+
+
+# ---------------------------------------------------------------------------- in eval
+
+
+def ood_summary(rows: Sequence[dict[str, Any]], positive_class: str,
+                threshold: float) -> dict[str, Any] | None:
+    """Metrics of an evaluation's readable rows, in distribution and flagged apart.
+
+    None when the rows carry no OOD flag (a model without OOD statistics). For `fxscore
+    eval`: a flagged image keeps its probability and label, so the headline metrics include
+    it; these say how the model does on the images it was made for and on the others.
+    """
+    from . import metrics
+
+    ok = [r for r in rows if not r.get("error") and r.get("ood") is not None]
+    if not ok:
+        return None
+
+    def part(subset: list[dict[str, Any]]) -> dict[str, Any]:
+        y = np.array([r["true_label"] == positive_class for r in subset], dtype=int)
+        p = np.array([r["probability"] for r in subset], dtype=np.float64)
+        out: dict[str, Any] = {"images": len(subset), "positives": int(y.sum())}
+        if not subset:
+            return out
+        out.update(metrics.threshold_metrics(y, p, threshold))
+        out["roc_auc"] = metrics.roc_auc(y, p) if 0 < y.sum() < len(y) else None
+        return out
+
+    flagged = [r for r in ok if r["ood"]]
+    inside = [r for r in ok if not r["ood"]]
+    return {"flagged": len(flagged), "flagged_share": len(flagged) / len(ok),
+            "in_distribution": part(inside), "out_of_distribution": part(flagged)}

@@ -1,0 +1,218 @@
+"""fxscore.explain_graph: heatmap and OOD outputs added to fp32 and int8 graphs without torch."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fxscore.cam import cam_cells
+from fxscore.contract import Preprocess
+from fxscore.explain_graph import ExplainGraphError, augment, find_head
+from fxscore.graph_outputs import MissingOutput
+from fxscore.model import ModelError, load_model, packaged_model
+from fxscore.ood import fit_features
+from onnx_models import convnet_proto, make_convnet, make_meta, make_model, write_with_props
+
+META = make_meta(preprocess=Preprocess(input_size=(32, 32)), model_name="test-cnn")
+
+
+def _inputs(n: int = 4, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    return make_convnet(tmp_path / "cnn.onnx", META)
+
+
+def _augmented(tmp_path, source, **kw):
+    model = load_model(source)
+    data, meta = augment(source.read_bytes(), model.meta, **kw)
+    out = tmp_path / "augmented.onnx"
+    out.write_bytes(data)
+    return model, load_model(out), meta
+
+
+def test_augmented_fp32_model_returns_the_same_probabilities_and_its_evidence(tmp_path, cnn):
+    plain, model, meta = _augmented(tmp_path, cnn)
+    assert model.verified  # a fresh digest over the new graph and metadata
+    assert meta.outputs == {"probability": "probability", "feature_map": "feature_map",
+                            "pooled": "pooled"}
+    assert meta.cam["cells"] == [16, 16] and len(meta.cam["weights"]) == 32
+    x = _inputs()
+    np.testing.assert_array_equal(model.predict(x), plain.predict(x))  # bit-identical
+    out = model.predict_with(x, ("probability", "feature_map", "pooled"))
+    assert out["feature_map"].shape == (4, 32, 16, 16) and out["pooled"].shape == (4, 32)
+    np.testing.assert_allclose(out["pooled"], out["feature_map"].mean(axis=(2, 3)), atol=1e-5)
+    logit = np.log(out["probability"] / (1 - out["probability"]))
+    for i in range(len(x)):  # the CAM is exact for this head: its cells average to logit - b
+        cells = cam_cells(out["feature_map"][i], meta.cam["weights"])
+        assert cells.mean() + meta.cam["bias"] == pytest.approx(float(logit[i]), abs=1e-4)
+
+
+def test_predict_fetches_only_the_probability(tmp_path, cnn):
+    _, model, _ = _augmented(tmp_path, cnn)
+    asked = []
+    real_run = model.session.run
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(model.session_real, name)
+
+    object.__setattr__(model, "session_real", model.session)
+
+    def run(names, feeds):
+        asked.append(list(names) if names is not None else None)
+        return real_run(names, feeds)
+
+    spy = Spy()
+    spy.run = run
+    object.__setattr__(model, "session", spy)
+    model.predict(_inputs(2))
+    model.predict_with(_inputs(2), ("probability", "pooled"))
+    assert asked == [["probability"], ["probability", "pooled"]]
+
+
+def test_augmenting_twice_changes_nothing(tmp_path, cnn):
+    _, model, meta = _augmented(tmp_path, cnn)
+    again, meta2 = augment((tmp_path / "augmented.onnx").read_bytes(), meta)
+    proto = onnx.load_from_string(again)
+    assert [o.name for o in proto.graph.output] == ["probability", "feature_map", "pooled"]
+    assert meta2.outputs == meta.outputs and meta2.cam == meta.cam
+
+
+def test_int8_qdq_graph_with_a_quantised_head(tmp_path):
+    """The packaged default model: int8 QDQ, its head's weights behind DequantizeLinear."""
+    packaged, _ = packaged_model()
+    if not packaged.is_file():
+        pytest.skip("no packaged default model")
+    source = tmp_path / "default.onnx"
+    source.write_bytes(packaged.read_bytes())
+    proto = onnx.load(str(source))
+    head = find_head(proto)
+    assert head.feature_map.endswith("DequantizeLinear_Output")  # the dequantised block output
+    plain, model, meta = _augmented(tmp_path, source)
+    assert meta.cam["cells"] == [4, 4] and len(meta.cam["weights"]) == 512
+    x = _inputs(3, 128)
+    np.testing.assert_array_equal(model.predict(x), plain.predict(x))
+    out = model.predict_with(x, ("probability", "feature_map", "pooled"))
+    np.testing.assert_allclose(out["pooled"], out["feature_map"].mean(axis=(2, 3)), atol=1e-5)
+    logit = np.log(out["probability"] / (1 - out["probability"]))
+    cells = cam_cells(out["feature_map"][0], meta.cam["weights"])
+    # The quantised head rounds the pooled features and the logit: close, not exact.
+    assert cells.mean() + meta.cam["bias"] == pytest.approx(float(logit[0]), abs=0.05)
+
+
+def test_int8_feature_map_matches_an_exact_integer_reference(tmp_path):
+    """The cross-CPU rule for the new output: the feature map of an fxscore int8 graph is the
+    dequantised output of exact integer kernels, so onnxruntime on this CPU must equal the
+    exact numpy reference (tests/int8_reference.py) to float32 rounding."""
+    pytest.importorskip("sympy", reason="onnxruntime's quant_pre_process needs sympy")
+    import int8_reference
+    from PIL import Image
+
+    from fxscore.export import quantize
+    from fxscore.scoring import model_input
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(24):
+        small = rng.random((6, 6))
+        img = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize(
+            (48, 48), Image.Resampling.BICUBIC), dtype=np.float64) + rng.normal(0, 20, (48, 48))
+        img = (img - img.min()) / (img.max() - img.min()) * 255
+        files.append(tmp_path / f"t{i}.png")
+        Image.fromarray(img.astype(np.uint8)).save(files[-1])
+    fp32 = make_convnet(tmp_path / "cnn.onnx", META)
+    int8 = tmp_path / "cnn.int8.onnx"
+    quantize.quantize(fp32, int8, files[:16], dataclasses.replace(META, model_version="1-int8"))
+    _, model, _ = _augmented(tmp_path, int8)
+    x = np.stack([model_input(f, META.preprocess) for f in files[16:]])
+    fm = model.predict_with(x, ("feature_map",))["feature_map"]
+    ref_proto = onnx.load(str(int8))
+    name = find_head(ref_proto).feature_map
+    del ref_proto.graph.output[:]
+    ref_proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    ref = int8_reference.run(ref_proto, x)
+    np.testing.assert_allclose(fm, ref, rtol=0, atol=1e-6)
+
+
+def test_ood_output_equals_the_numpy_reference(tmp_path, cnn):
+    plain, model, meta = _augmented(tmp_path, cnn)
+    feats = model.predict_with(_inputs(60, seed=1), ("pooled",))["pooled"]
+    stats = fit_features(feats)
+    data, meta2 = augment((tmp_path / "augmented.onnx").read_bytes(), meta, ood=stats)
+    (tmp_path / "ood.onnx").write_bytes(data)
+    with_ood = load_model(tmp_path / "ood.onnx")
+    assert meta2.ood["threshold"] == pytest.approx(stats.threshold)
+    assert with_ood.meta.outputs["ood_score"] == "ood_score"
+    x = np.concatenate([_inputs(5, seed=2), 3 * _inputs(5, seed=3)])
+    out = with_ood.predict_with(x, ("probability", "pooled", "ood_score"))
+    np.testing.assert_allclose(out["ood_score"], stats.distance(out["pooled"]), rtol=1e-4)
+    np.testing.assert_array_equal(out["probability"], plain.predict(x))
+    # Refitting replaces the branch rather than adding a second one.
+    again, _ = augment(data, meta2, ood=stats)
+    proto = onnx.load_from_string(again)
+    assert [o.name for o in proto.graph.output].count("ood_score") == 1
+
+
+def test_a_model_without_the_outputs_still_scores_and_says_how_to_get_them(tmp_path, cnn):
+    model = load_model(cnn)
+    assert model.predict(_inputs(2)).shape == (2,)
+    with pytest.raises(MissingOutput, match=r"fxscore augment .*cnn.onnx --out NEW.onnx"):
+        model.predict_with(_inputs(2), ("feature_map",))
+
+
+def test_metadata_naming_an_output_the_graph_lacks_is_refused_at_load(tmp_path):
+    meta = dataclasses.replace(META, outputs={"feature_map": "nowhere"},
+                               cam={"weights": [0.0] * 32, "bias": 0.0})
+    path = write_with_props(convnet_proto(META), tmp_path / "m.onnx", meta)
+    with pytest.raises(ModelError, match="names outputs the graph lacks.*nowhere"):
+        load_model(path)
+
+
+def _gap_gemm(w: np.ndarray, *, pool: str = "GlobalAveragePool", end: str = "Sigmoid",
+              axes=(2, 3)) -> onnx.ModelProto:
+    nodes = []
+    inits = [numpy_helper.from_array(w.astype(np.float32), "W")]
+    if pool == "ReduceMean":
+        inits.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+        nodes.append(helper.make_node("ReduceMean", ["input", "axes"], ["gap"], keepdims=1))
+    else:
+        nodes.append(helper.make_node(pool, ["input"], ["gap"]))
+    nodes += [helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "W"], ["logit"]),
+              helper.make_node(end, ["logit"], ["probability"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", w.shape[1]])],
+        initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("proto, why", [
+    (_gap_gemm(np.ones((3, 1))), None),
+    (_gap_gemm(np.ones((3, 1)), pool="ReduceMean"), None),
+    (_gap_gemm(np.ones((3, 1)), end="Identity"), "does not come from a Sigmoid"),
+    (_gap_gemm(np.ones((3, 2))), "not one logit"),
+    (_gap_gemm(np.ones((3, 1)), pool="GlobalMaxPool"), "no global average pooling"),
+    (_gap_gemm(np.ones((3, 1)), pool="ReduceMean", axes=(1, 2)), "not the two spatial axes"),
+])
+def test_find_head_accepts_fxscore_heads_only(proto, why):
+    if why is None:
+        head = find_head(proto)
+        assert head.feature_map == "input" and head.pooled == "flat"
+        np.testing.assert_array_equal(head.weights, [1, 1, 1])
+    else:
+        with pytest.raises(ExplainGraphError, match=why):
+            find_head(proto)
+
+
+def test_the_tiny_gap_model_is_augmented_too(tmp_path):
+    """make_model: the pooling reads the input itself (a 'feature map' of 3 channels)."""
+    path = make_model(tmp_path / "tiny.onnx")
+    _, model, meta = _augmented(tmp_path, path)
+    assert meta.cam["cells"] == [64, 64] and meta.cam["weights"] == pytest.approx([4 / 3] * 3)
