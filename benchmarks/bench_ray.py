@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,19 +70,19 @@ def main() -> None:
 
         def single() -> tuple[float, float]:
             # this process only: the idle cluster's own processes are not the job's
-            cpu = tree_cpu_s(tree=False)
-            s = run_job(model, work / "input", str(work / "single.csv"), overwrite=True,
-                        batch_size=args.batch_size, workers=cpus)
+            with TreeCPU(tree=False) as cpu:
+                s = run_job(model, work / "input", str(work / "single.csv"), overwrite=True,
+                            batch_size=args.batch_size, workers=cpus)
             assert s.scored + s.failed == files, s
-            return s.total_s, tree_cpu_s(tree=False) - cpu
+            return s.total_s, cpu.seconds
 
         def on_ray(actors: int, actor_cpus: int, stats: RayStats) -> tuple[float, float]:
             settings = RaySettings(actors=(actors, actors), actor_cpus=actor_cpus)
-            cpu = tree_cpu_s()
-            s = run_on_ray(model, work / "input", str(work / "ray.csv"), overwrite=True,
-                           batch_size=args.batch_size, settings=settings, stats=stats)
+            with TreeCPU() as cpu:
+                s = run_on_ray(model, work / "input", str(work / "ray.csv"), overwrite=True,
+                               batch_size=args.batch_size, settings=settings, stats=stats)
             assert s.scored + s.failed == files, s
-            return s.total_s, tree_cpu_s() - cpu
+            return s.total_s, cpu.seconds
 
         t = time.monotonic()
         with ray_cluster("local", cpus=cpus):
@@ -109,8 +110,10 @@ def main() -> None:
                   f"  ({seconds:6.1f} s; first rows after {stats.first_row_s:.1f} s)  = "
                   f"{100 * rate / single_rate:5.1f} % of single-process throughput, "
                   f"{100 * single_cpu / cpu:5.1f} % of its CPU efficiency")
-        print("(CPU: all processes of the job, driver, cluster and actors, from /proc; on a "
-              "machine shared with other jobs, wall-clock ratios are noisy, CPU ratios less so)")
+        print("(CPU: the single process; for Ray every process of the cluster, driver and "
+              "actors included, sampled from /proc. On a machine shared with other jobs the "
+              "kernel gives each process its share, so Ray's several processes get more CPU "
+              "than one: there the CPU ratio is the fairer one)")
         print(f"rows identical (last runs, as sorted lines): {same}")
 
         writer_rate = writer_ceiling(work / "ceiling.csv", args.writer_rows, model.model_id)
@@ -155,29 +158,70 @@ def writer_ceiling(out: Path, n: int, model_id: str) -> float:
     return n / (time.perf_counter() - t)
 
 
-def tree_cpu_s(tree: bool = True) -> float:
-    """CPU seconds of this process and (tree) all its descendants, live or reaped (a local
-    Ray cluster's raylet reaps the actors it ran, so their time is in its cutime/cstime)."""
+class TreeCPU:
+    """CPU seconds used by this process and its descendants while the `with` block runs.
+
+    Ray's actors exit at the end of a run and nobody may reap them with accounting (their time
+    would vanish from the tree), so the tree is sampled every 0.2 s and each process counts
+    with the last CPU time seen for it; a process's time after its last sample is lost (at
+    most 0.2 s each). `tree=False`: this process only (its threads included).
+    """
+
+    def __init__(self, tree: bool = True) -> None:
+        self.tree, self.seconds = tree, 0.0
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> dict[int, float]:
+        pids = _descendants(os.getpid()) if self.tree else []
+        out = {}
+        for pid in [os.getpid(), *pids]:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[pid] = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._last.update(self._sample())
+
+    def __enter__(self) -> "TreeCPU":
+        self._first = self._sample()
+        self._last = dict(self._first)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample())
+        self.seconds = sum(cpu - self._first.get(pid, 0.0) for pid, cpu in self._last.items())
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            stats[int(entry)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [os.getpid()]
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
     while todo:
-        pid = todo.pop()
-        fields = stats.get(pid)
-        if fields:  # utime, stime, cutime, cstime: fields 14-17 of stat, here 11-14
-            total += sum(int(x) for x in fields[11:15])
-        if tree:
-            todo.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def input_files(dest: Path, n: int) -> tuple[int, str]:

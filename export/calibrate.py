@@ -149,7 +149,7 @@ def temperature_scale(model: ProbabilityModel, files: Sequence[ValFile], params:
     after = calibration_metrics(y, sigmoid(z / t))
     fold_temperature(model, t)
     return {"method": "temperature", "temperature": t, "fit_on": "val", "images": int(len(y)),
-            "unreadable": len(unreadable),
+            "unreadable": len(unreadable), "at_range_limit": t in TEMPERATURE_RANGE,
             "ece_before": before["ece"], "ece_after": after["ece"],
             "brier_before": before["brier"], "brier_after": after["brier"],
             "nll_before": nll(z, y), "nll_after": nll(z, y, t), "bins": BINS}

@@ -64,13 +64,13 @@ def _unreadable_why(path: Path, error: Exception) -> str:
         return f"it cannot be read ({e.strerror or e})"
     if not head:
         return "the file is empty"
-    if head.startswith(b"PK"):
-        return "it is a zip archive, but not one written by torch.save"
-    if head[:1] != b"\x80":  # every pickle of protocol 2 or later starts with PROTO
+    if not head.startswith(b"PK") and head[:1] != b"\x80":  # pickles of protocol >= 2 start so
         return "it is neither a torch zip archive nor a pickle"
-    if "weights_only" in str(error) or "WeightsUnpickler" in str(error):
+    if "WeightsUnpickler" in str(error) or "weights_only" in str(error):  # torch.save's zips too
         return ("it holds Python objects other than tensors and plain values, which fxscore "
                 "does not load (unpickling them could run code)")
+    if head.startswith(b"PK"):
+        return "it is a zip archive, but not one written by torch.save"
     return f"it is a damaged or foreign pickle ({type(error).__name__})"
 
 

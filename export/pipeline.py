@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from fxscore import membership
+from fxscore import explain_graph, membership
 from fxscore.contract import ModelMeta, Preprocess
 from fxscore.evaluate import EvalDataError, items_from_folders
 from fxscore.files import find_images
@@ -51,6 +51,11 @@ class ExportOptions:
     calibrate: str = "none"  # "temperature": fit on validation, folded into the head
     threshold_for: str | None = None  # e.g. "sensitivity:0.90", chosen on validation
     val: Path | None = None  # labelled DIR/<class>/ for both [default: the run's val/]
+    # OOD statistics (fxscore.ood): threshold at this false-flag rate on the --verify images
+    # (validation images the model did not train on), mean and covariance from --calibration
+    # (training images) when given; colour images left out; no --verify, no OOD statistics.
+    ood: bool = True
+    false_flag_rate: float = 0.01
 
 
 class ExportFailed(RuntimeError):
@@ -160,6 +165,31 @@ def _export(checkpoint: str | os.PathLike, opts: ExportOptions,
             report["int8"] = _int8(tmp, tmp8, scorer, meta, calibration, eval_items, opts,
                                    progress, extras)
             refusal = report["int8"]["problem"]
+
+        # Heatmap outputs and OOD statistics (fxscore.explain_graph, fxscore.ood), added last
+        # so that neither the parity check nor the quantiser sees them; the probability path
+        # is unchanged (bit-identical, tests/test_explain_graph.py).
+        # OOD: mean and covariance of the training images (--calibration, when given) with
+        # the threshold on the validation images (--verify); else out of fold on --verify.
+        val_files = ([f for _, f in verify_items] if verify_items is not None and opts.ood
+                     else None)
+        train_files = ([f for _, f in find_images(opts.calibration)]
+                       if val_files and opts.calibration is not None else None)
+        ood_files, ood_holdout = (train_files, val_files) if train_files else (val_files, None)
+        progress("adding heatmap outputs" + (f" and OOD statistics fit on {len(ood_files)} "
+                                             "files" if ood_files else ""))
+        meta, report["explain"] = explain_graph.augment_in_place(
+            tmp, ood_files=ood_files, ood_holdout=ood_holdout,
+            false_flag_rate=opts.false_flag_rate, threads=opts.threads)
+        verify_file(tmp, meta, threads=opts.threads)
+        report["metadata"], report["size_bytes"] = meta.to_dict(), tmp.stat().st_size
+        if opts.int8 and report["int8"]["written"]:
+            meta8, report["int8"]["explain"] = explain_graph.augment_in_place(
+                tmp8, ood_files=ood_files, ood_holdout=ood_holdout,
+                false_flag_rate=opts.false_flag_rate,
+                threads=opts.threads)  # its own features: statistics fit on them
+            verify_file(tmp8, meta8, threads=opts.threads)
+            report["int8"]["size_bytes"] = tmp8.stat().st_size
 
         publish(tmp, out)
         report["written"].append(str(out))

@@ -14,7 +14,7 @@ colour vs grey, file format, bit depth): a model learns such a property before i
 fractures, and then fails on data where it does not hold.
 
 Library functions return data; `format_summary` renders the text the CLI prints, `write_report`
-the files (audit.json, groups.csv, files.csv).
+the files (audit.json, groups.csv, files.csv, fingerprints.npz).
 """
 from __future__ import annotations
 
@@ -465,7 +465,8 @@ FILE_COLUMNS = ("path", "split", "label", "sha256", "bytes", "group", "group_fil
 
 
 def write_report(audit: Audit, out: str | os.PathLike) -> list[Path]:
-    """audit.json (everything but per-file rows), groups.csv, files.csv -> the paths written."""
+    """audit.json (everything but per-file rows), groups.csv, files.csv, and fingerprints.npz
+    (thumbnails and pair verdicts, for `fxscore split --audit`) -> the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "audit.json", out / "groups.csv", out / "files.csv"]
@@ -505,4 +506,6 @@ def write_report(audit: Audit, out: str | os.PathLike) -> list[Path]:
                        copy_in_earlier_split=leak, label_conflict=int(f.group in conflicted),
                        colour=int(f.colour))
             csvsafe.write_row(fh, [row.get(k) for k in FILE_COLUMNS])
+    written.append(grouping.save_fingerprints(out / grouping.FINGERPRINTS, audit.thumbs,
+                                              audit.verdicts))
     return written

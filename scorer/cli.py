@@ -112,6 +112,18 @@ def cli() -> None:
     Shell completion (bash; zsh and fish likewise, see the README):
       eval "$(_FXSCORE_COMPLETE=bash_source fxscore)"
     """
+    _quiet_pydicom()
+
+
+def _quiet_pydicom() -> None:
+    """pydicom's warnings and log lines quote raw element values (a patient's name, an ID):
+    logs of a batch job must not carry them, so they are silenced process-wide; the error rows
+    say what was wrong with a file without quoting it."""
+    import logging
+    import warnings
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -236,13 +248,27 @@ def _parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | N
               default=DECODE_TIMEOUT, show_default=True, metavar="SECONDS",
               help="time limit for decoding one compressed DICOM file, which runs in a worker "
                    "process: an overrun or a decoder crash makes that file an error row")
+@click.option("--heatmaps", type=click.Path(file_okay=False), default=None,
+              metavar="DIR",
+              help="write one heatmap PNG per scored image to DIR (where the model found "
+                   "evidence for the positive class), named after the row's path, %-escaped; "
+                   "the model needs heatmap outputs (fxscore augment). Derived patient images: "
+                   "store them like the inputs")
+@click.option("--heatmaps-for", type=click.Choice(["positive", "all"]), default="positive",
+              show_default=True,
+              help="which scored images get a heatmap: those labelled the positive class, or all")
+@click.option("--mark-training-copies", is_flag=True,
+              help="add a column in_training: train, val or train+val when the file's content "
+                   "(sha256) was among the model's training or validation images, else empty. "
+                   "Exact copies only; `fxscore eval` also finds near copies")
 @ray_options
 def run(input_path: str, model_path: str | None, out: str, fmt: str | None, overwrite: bool,
         threshold: float | None, retry_errors: bool, follow_links: bool, batch_size: int,
         threads: int | None, workers: int | None, max_memory: int | None, provider: str,
         shard, list_ignored: str | None, summary_json: str | None, quiet: bool,
         modalities, for_processing: bool, dicom_columns: tuple[str, ...], sr_out: str | None,
-        decode_timeout: float, **ray_settings) -> None:
+        decode_timeout: float, heatmaps: str | None, heatmaps_for: str,
+        mark_training_copies: bool, **ray_settings) -> None:
     """Score every X-ray under INPUT (a folder, or one file); write one row per file.
 
     Folders are searched recursively in sorted order; hidden files and folders are skipped.
@@ -254,7 +280,9 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
     "fractured"), label (the positive class if probability >= threshold, else the other),
     threshold, model_id (sha256 prefix of the model file), sha256 (of the file's bytes as
     scored; empty if it could not be read), error (why the file could not be read; empty
-    when scored).
+    when scored); with a model that carries OOD statistics also ood_score (distance to the
+    model's validation images) and ood (1: unlike them, do not rely on the score).
+    Images under 32 pixels on a side are error rows: no radiograph is that small.
 
     Resume: rerunning with the same --out appends the files not yet in it, also after a
     crash, kill or Ctrl-C. A file whose content changed since its row was written is
@@ -272,6 +300,10 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
     in worker processes (--decode-timeout). --dicom-columns adds identifiers to match rows
     back to studies (`fxscore studies` then gives one row per study); --sr-out writes a DICOM
     SR per scored image for the PACS.
+
+    Heatmaps: --heatmaps DIR writes, before each row, DIR/<the row's path, %-escaped>.png:
+    the radiograph with its class activation map (coarse: one cell per 32 x 32 input
+    pixels); a resumed run writes those of the rows it adds.
 
     \b
     Examples:
@@ -331,11 +363,17 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
         with _RunProgress(summary, enabled=not quiet) as progress:
             job = (ray_job(threads=threads, workers=workers, **ray_settings)
                    if ray_settings["ray"] else run_job)
+            # (with --ray, check_ray_options above has refused --heatmaps)
+            heatmap_kw = ({"heatmaps": heatmaps, "heatmaps_for": heatmaps_for}
+                          if heatmaps else {})
+            if mark_training_copies:
+                heatmap_kw["mark_training_copies"] = True
             job(model, input_path, out, fmt=fmt, overwrite=overwrite, batch_size=batch_size,
                     workers=workers or threads, shard=shard, threshold=threshold,
                     max_memory=max_memory, follow_links=follow_links,
                     retry_errors=retry_errors, summary=summary, progress=progress,
-                    warn=progress.write, on_ignored=_ignored_writer(listing), dicom=dicom)
+                    warn=progress.write, on_ignored=_ignored_writer(listing), dicom=dicom,
+                    **heatmap_kw)
     except KeyboardInterrupt as e:
         summary.code = exitcodes.interrupt_code(e)
         summary.reason = ("terminated (SIGTERM)" if summary.code == exitcodes.TERMINATED
@@ -487,6 +525,13 @@ def _run_report(s) -> list[str]:
 
         lines.append(f"excluded: {describe(s.excluded)} (no rows; --modality and "
                      "--for-processing choose what is scored)")
+    if s.ood_flagged:
+        lines.append(f"{s.ood_flagged} scored image(s) flagged out of distribution (ood = 1: "
+                     "unlike the model's validation images; do not rely on their scores)")
+    if s.heatmaps:
+        lines.append(f"{_plural(s.heatmaps_written, 'heatmap')} written to {s.heatmaps}"
+                     + (f"; {s.heatmaps_skipped} not (the file changed or could not be read "
+                        "again, see warnings)" if s.heatmaps_skipped else ""))
     if s.sr_out and (s.sr_written or s.sr_failed):
         lines.append(f"{_plural(s.sr_written, 'DICOM SR')} written to {s.sr_out}"
                      + (f"; {s.sr_failed} could not be written (error rows: rerun with "
@@ -671,9 +716,12 @@ def _echo_training_copies(m: dict) -> None:
                    f"\nExcluded {what}; the metrics above are on the other "
                    f"{m['data']['files']} files.")
         return
+    near = (" Near copies are found by a compact descriptor (the model cannot carry the "
+            "pictures): on smooth synthetic images a look-alike can pass, `fxscore audit` "
+            "confirms pixel by pixel." if c["near"] else "")
     click.echo(f"WARNING: {what}. A model scores its own training images better than new "
                "ones, so these metrics are optimistic; --exclude-training-copies leaves them "
-               "out (--report's metrics.json lists them)", err=True)
+               f"out (--report's metrics.json lists them).{near}", err=True)
 
 
 def _echo_operating_points(m: dict, data_dir: str, model_path: str | None, model) -> None:
@@ -983,9 +1031,16 @@ def audit(data: str, out_dir: str | None, fail_on_leak: bool, no_labels: bool,
 @click.option("--seed", default=0, show_default=True, type=int, help="shuffles the groups")
 @click.option("--keep-duplicates", is_flag=True,
               help="keep every byte-identical copy (default: one per distinct content)")
+@click.option("--drop-conflicts", is_flag=True,
+              help="leave out groups of near copies whose files carry different labels "
+                   "(default: keep each such group whole, in one split, and list it)")
+@click.option("--audit", "audit_dir", type=click.Path(file_okay=False), default=None,
+              help="reuse the report of `fxscore audit DATA --out DIR` instead of reading "
+                   "every image again (DATA is hashed to check it is unchanged)")
 @_audit_options
 def split(data: str, out_dir: str, val: float, test: float, seed: int, keep_duplicates: bool,
-          no_labels: bool, workers: int | None, quiet: bool) -> None:
+          drop_conflicts: bool, audit_dir: str | None, no_labels: bool, workers: int | None,
+          quiet: bool) -> None:
     """Make a leak-free split of DATA: no group of copies straddles two splits.
 
     Runs the audit's grouping (exact and near copies) on all of DATA, pooling its present
@@ -995,16 +1050,21 @@ def split(data: str, out_dir: str, val: float, test: float, seed: int, keep_dupl
     OUT/manifest.csv (path, split, class, group, sha256, source), OUT/excluded.csv and
     OUT/split.json.
 
-    Left out, with the reason in excluded.csv: unreadable files; groups whose copies carry
-    different labels (one of them is wrong, and which is unknown); byte-identical copies
-    beyond the first per group (they add weight, not information; --keep-duplicates keeps
-    them). Near copies stay, within their one split. Names that collide in a class folder get
-    the content's hash prefix.
+    Left out, with the reason in excluded.csv: unreadable files; the same bytes filed under
+    two labels (one of them is wrong, and which is unknown); byte-identical copies beyond the
+    first per group (they add weight, not information; --keep-duplicates keeps them). A group
+    of near copies whose files carry different labels stays whole, in one split, each file
+    under its own label, and is listed (split.json "conflicts"); --drop-conflicts leaves such
+    groups out. A class left with under half its share of a split is warned about. Near
+    copies stay, within their one split. Names that collide in a class folder get the
+    content's hash prefix. --audit DIR reuses an audit written with --out DIR: the same
+    groups, without reading the images again.
 
     \b
     Examples:
       fxscore split ./data --out ./data_clean --val 0.1 --test 0.2 --seed 0
       fxscore audit ./data_clean --fail-on-leak    # finds no cross-split group
+      fxscore audit ./data --out audit/ && fxscore split ./data --audit audit/ --out ./clean
 
     \b
     Exit codes: 0 done; 3 done, but some files could not be read (left out, listed);
@@ -1013,13 +1073,20 @@ def split(data: str, out_dir: str, val: float, test: float, seed: int, keep_dupl
     import os
 
     from .progress import stage_progress
-    from .split import SplitConfig, SplitError, plan_split, write_split
+    from .split import SplitConfig, SplitError, audit_from_report, plan_split, write_split
 
     try:
-        config = SplitConfig(val=val, test=test, seed=seed, keep_duplicates=keep_duplicates)
+        config = SplitConfig(val=val, test=test, seed=seed, keep_duplicates=keep_duplicates,
+                             drop_conflicts=drop_conflicts)
     except SplitError as e:
         raise click.UsageError(str(e)) from None
-    result = _run_audit(data, no_labels, workers, quiet, prefix="split")
+    if audit_dir:
+        try:
+            result = audit_from_report(audit_dir, data, workers=workers, labels=not no_labels)
+        except SplitError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        result = _run_audit(data, no_labels, workers, quiet, prefix="split")
     try:
         with stage_progress(enabled=not quiet, prefix="split", units=AUDIT_UNITS) as progress:
             plan = plan_split(result, config, workers=workers, progress=progress)
@@ -1037,6 +1104,22 @@ def split(data: str, out_dir: str, val: float, test: float, seed: int, keep_dupl
         reasons = ", ".join(f"{n} {r}" for r, n in summary["excluded"].items())
         click.echo(f"left out {_plural(len(plan.excluded), 'file')} ({reasons}); see "
                    f"{os.path.join(out_dir, 'excluded.csv')}")
+    kept = [c for c in plan.conflicts if c["split"] != "excluded"]
+    if kept:
+        click.echo(f"label conflicts kept: {_plural(len(kept), 'group')} of near copies whose "
+                   "files carry different labels, each whole in one split (--drop-conflicts "
+                   f"leaves them out; all in {os.path.join(out_dir, 'split.json')}):")
+        for c in kept[:5]:
+            labels = ", ".join(f"{k} {v}" for k, v in c["labels"].items())
+            click.echo(f"  group {c['group']} in {c['split']} ({labels}): "
+                       + ", ".join(c["paths"][:3]) + (" ..." if len(c["paths"]) > 3 else ""))
+        if len(kept) > 5:
+            click.echo(f"  ... and {len(kept) - 5} more")
+    if plan.joined:
+        click.echo(f"the leak check joined {_plural(len(plan.joined), 'set')} of groups that "
+                   "would have met across splits once other files were left out")
+    for w in plan.warnings:
+        click.echo(f"warning: {w}", err=True)
     if result.unreadable:
         click.get_current_context().exit(EXIT_SOME_FAILED)
 
@@ -1320,6 +1403,11 @@ def _echo_training_extras(report: dict) -> None:
         click.echo(f"temperature scaling on {c['images']} validation images: T {c['temperature']:.3f}"
                    f", ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}, Brier "
                    f"{c['brier_before']:.3f} -> {c['brier_after']:.3f}")
+        if c.get("at_range_limit"):
+            click.echo(f"warning: the temperature stopped at the end of its range (T "
+                       f"{c['temperature']:g}): on the validation images the model separates "
+                       "the classes perfectly, or hardly at all; check it with `fxscore eval`",
+                       err=True)
     points = [("", report.get("operating_point"))]
     points.append((" (int8)", (report.get("int8") or {}).get("operating_point")))
     for which, p in points:
@@ -1503,15 +1591,20 @@ def explain(image: str, model_path: str | None, out: str, max_side: int, as_json
               help="the new model file (.onnx), written atomically")
 @click.option("--ood-fit", "ood_dir", type=click.Path(file_okay=False, exists=True),
               default=None, metavar="DIR",
-              help="also fit OOD statistics on the images below DIR (validation images the "
-                   "model was not trained on; colour images are left out)")
+              help="also fit OOD statistics on the images below DIR: the model's training "
+                   "images with --ood-threshold-on, else validation images (colour images are "
+                   "left out)")
+@click.option("--ood-threshold-on", "ood_holdout", type=click.Path(file_okay=False, exists=True),
+              default=None, metavar="DIR",
+              help="choose the OOD threshold on the images below DIR (validation images, not "
+                   "trained on) [default: out of fold on --ood-fit's images]")
 @click.option("--false-flag-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.01, show_default=True,
               help="share of DIR's kind of images the OOD flag may flag (chosen out of fold)")
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads")
 @click.option("--quiet", "-q", is_flag=True, help="no progress on stderr")
-def augment(source: str, out: str, ood_dir: str | None, false_flag_rate: float,
-            threads: int | None, quiet: bool) -> None:
+def augment(source: str, out: str, ood_dir: str | None, ood_holdout: str | None,
+            false_flag_rate: float, threads: int | None, quiet: bool) -> None:
     """Add heatmap outputs (and OOD statistics) to an fxscore model, without PyTorch.
 
     Writes a copy of MODEL whose graph also returns its last feature map and pooled features
@@ -1520,12 +1613,15 @@ def augment(source: str, out: str, ood_dir: str | None, false_flag_rate: float,
     loaded and checked first (digest, or the packaged model's pin), so a damaged file is
     refused rather than given a new digest. With --ood-fit DIR, the copy also returns an OOD
     score (Mahalanobis distance of the pooled features to DIR's images) and flags images
-    beyond a threshold chosen out of fold at --false-flag-rate.
+    beyond a threshold chosen at --false-flag-rate on --ood-threshold-on's images
+    (or out of fold).
 
     \b
     Examples:
       fxscore augment model.onnx --out model.explain.onnx
       fxscore augment model.onnx --out model.ood.onnx --ood-fit ./clean/val
+      fxscore augment model.onnx --out m.ood.onnx --ood-fit ./clean/train \\
+          --ood-threshold-on ./clean/val       # as `fxscore export` does
 
     Exit codes: 0 written; 1 the model cannot be loaded or has no fxscore CNN head (global
     pooling, one linear layer, sigmoid), or too few images to fit; 2 usage error.
@@ -1537,11 +1633,18 @@ def augment(source: str, out: str, ood_dir: str | None, false_flag_rate: float,
     from .model import ModelError
     from .ood import OodError
 
-    files = None
+    files = holdout = None
+    if ood_holdout is not None and ood_dir is None:
+        raise click.BadParameter("needs --ood-fit", param_hint="'--ood-threshold-on'")
     if ood_dir is not None:
         files = [p for _, p in find_images(Path(ood_dir))]
         if not files:
             raise click.ClickException(f"--ood-fit {ood_dir}: no image files found below it")
+    if ood_holdout is not None:
+        holdout = [p for _, p in find_images(Path(ood_holdout))]
+        if not holdout:
+            raise click.ClickException(f"--ood-threshold-on {ood_holdout}: no image files "
+                                       "found below it")
     if Path(out).suffix.lower() != ".onnx":
         raise click.BadParameter(f"{out}: name the model file *.onnx", param_hint="'--out'")
 
@@ -1551,8 +1654,9 @@ def augment(source: str, out: str, ood_dir: str | None, false_flag_rate: float,
                        nl=done == len(files or ()))
 
     try:
-        report = augment_file(source, out, ood_files=files, false_flag_rate=false_flag_rate,
-                              threads=threads, progress=progress)
+        report = augment_file(source, out, ood_files=files, ood_holdout=holdout,
+                              false_flag_rate=false_flag_rate, threads=threads,
+                              progress=progress)
     except (ModelError, ExplainGraphError, OodError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
@@ -1566,9 +1670,10 @@ def augment(source: str, out: str, ood_dir: str | None, false_flag_rate: float,
     ood = report.get("ood")
     if ood:
         left = ", ".join(f"{v} {k}" for k, v in ood["excluded"].items()) or "none"
+        where = (f"{ood['holdout_images']} held-out images" if holdout else "them, out of fold")
         click.echo(f"OOD statistics: fit on {ood['fit_images']} images (left out: {left}); "
                    f"threshold {ood['threshold']:.2f} flags "
-                   f"{100 * ood['holdout_flagged']:.1f}% of them out of fold "
+                   f"{100 * ood['holdout_flagged']:.1f}% of {where} "
                    f"(target {100 * ood['false_flag_rate']:g}%)", err=True)
 
 

@@ -407,10 +407,12 @@ def augment(data: bytes, meta: ModelMeta, *, ood: "OodStats | None" = None
 
 def augment_file(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]", *,
                  ood_files: "Sequence[Path] | None" = None,
+                 ood_holdout: "Sequence[Path] | None" = None,
                  false_flag_rate: float | None = None, threads: int | None = None,
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write a copy of the fxscore model `source` with heatmap outputs (and, given
-    `ood_files`, OOD statistics fit on them) to `out`, atomically; return what was done.
+    `ood_files`, OOD statistics fit on them, the threshold on `ood_holdout` when given, else
+    out of fold; `fxscore.ood.fit_ood`) to `out`, atomically; return what was done.
 
     The source is loaded with the scorer's loader first (contract, digest or pin checked), so
     a damaged file is refused rather than given a fresh digest. Torch-free.
@@ -429,9 +431,50 @@ def augment_file(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]"
 
         report["ood"] = ood_mod.embed_ood_bytes(data, meta, ood_files, threads=threads,
                                                 false_flag_rate=false_flag_rate,
-                                                progress=progress)
+                                                holdout=ood_holdout, progress=progress)
         data, meta = report["ood"].pop("_result")
     write_files({Path(out): data})
     check = load_model(out, threads=threads)  # the scorer's own checks, on what was written
     report["out"], report["model_id"], report["integrity"] = str(out), check.model_id, check.integrity
     return report
+
+
+def augment_in_place(path: "str | os.PathLike[str]", *,
+                     ood_files: "Sequence[Path] | None" = None,
+                     ood_holdout: "Sequence[Path] | None" = None,
+                     false_flag_rate: float | None = None,
+                     threads: int | None = None) -> tuple[ModelMeta, dict[str, Any]]:
+    """Rewrite the model file at `path` (atomically) with heatmap outputs and, given
+    `ood_files`, OOD statistics (threshold on `ood_holdout`, else out of fold) -> (its new
+    metadata, a report).
+
+    For `fxscore export`, on the verified staged files just before they are published: after
+    parity and int8 quantisation, which thus never see the added outputs. Too few readable
+    grey images for OOD statistics is not a failure: the model gets heatmap outputs only and
+    the report says why (`ood_skipped`). Every other metadata entry of the file is kept.
+    """
+    from pathlib import Path
+
+    from .atomicfile import write_files
+    from .contract import ModelMeta as Meta
+    from .modelfile import read_props
+
+    path = Path(path)
+    data = path.read_bytes()
+    meta = Meta.from_props(read_props(data), str(path))
+    data, meta = augment(data, meta)
+    report: dict[str, Any] = {"outputs": meta.outputs, "cells": meta.cam.get("cells")}
+    if ood_files is not None:
+        from . import ood as ood_mod
+
+        try:
+            summary = ood_mod.embed_ood_bytes(data, meta, ood_files, threads=threads,
+                                              false_flag_rate=false_flag_rate,
+                                              holdout=ood_holdout)
+        except ood_mod.OodError as e:
+            report["ood_skipped"] = str(e)
+        else:
+            data, meta = summary.pop("_result")
+            report["ood"] = summary
+    write_files({path: data})
+    return meta, report

@@ -153,9 +153,28 @@ def dihedral(x: np.ndarray, o: int) -> np.ndarray:
 PAIR = np.dtype([("i", np.int64), ("j", np.int64), ("sim", np.float32)])
 
 
+# warps (angle, x scale, y scale) a query is also described at (see `turned_queries`)
+QUERY_WARPS = ((-10.0, 1.0, 1.0), (10.0, 1.0, 1.0), (0.0, 1.1, 1.1))
+
+
+def turned_queries(thumb: np.ndarray, warps: Iterable[tuple[float, float, float]] = QUERY_WARPS,
+                   ) -> np.ndarray:
+    """(THUMB, THUMB) thumbnail -> (len(warps), D): the descriptor (orientation 0) of the
+    thumbnail rotated and scaled by each warp.
+
+    Low frequencies are not blind to rotation or zoom: a bone rotated by 10 degrees is
+    described like another bone at that angle, and among look-alikes (phantoms of one long
+    bone, every film of one wrist view) its original can rank 40th; a copy cropped by 10 %
+    is a zoomed one. Searching with the query turned and zoomed as well ranks them first.
+    """
+    rows = [(angle, sx, sy, 1.0) for angle, sx, sy in warps]
+    turned = _warps(thumb.astype(np.float32), rows)
+    return np.stack([descriptors(t)[0] for t in turned])
+
+
 def candidate_pairs(desc: np.ndarray, min_sim: float = CANDIDATE_SIM,
                     max_neighbours: int = MAX_NEIGHBOURS, part: np.ndarray | None = None,
-                    ) -> np.ndarray:
+                    queries: np.ndarray | None = None) -> np.ndarray:
     """(N, 8, D) descriptors -> pairs (i < j, sim) to verify, most similar first.
 
     Each image keeps its `max_neighbours` most similar partners (in any orientation) above
@@ -163,34 +182,44 @@ def candidate_pairs(desc: np.ndarray, min_sim: float = CANDIDATE_SIM,
     pass a large share of all pairs; copies rank first, and a group of copies stays connected
     because every member keeps its closest ones. Blocked matrix products bound the memory.
 
+    queries: (N, R, D) more descriptors of each image to search with (`turned_queries`):
+    each image then also keeps its `max_neighbours` best partners by the best of those. Both
+    lists, not one by the best of all: turning finds rotated copies, but it also lets other
+    look-alikes come closer, and they would push out a cropped copy.
     part: only partners from another part (split): the pairs that could make a leak. Each
     image's best partners elsewhere include every such pair among its best partners overall.
     """
     n = len(desc)
     if n < 2:
         return np.zeros(0, PAIR)
-    q = desc[:, 0]
+    q = desc[:, :1] if queries is None else np.concatenate([desc[:, :1], queries], axis=1)
+    r = q.shape[1]
     everything = desc.reshape(n * 8, -1)
     k = min(max_neighbours, n - 1)
-    block = max(1, (1 << 24) // (n * 8))
+    block = max(1, (1 << 24) // (n * 8 * r))
     parts = []
     for start in range(0, n, block):
-        sims = (q[start:start + block] @ everything.T).reshape(-1, n, 8).max(axis=2)
-        rows = np.arange(start, start + len(sims))
-        sims[np.arange(len(sims)), rows] = -np.inf  # an image is not its own copy
-        if part is not None:
-            sims[part[rows][:, None] == part[None, :]] = -np.inf
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        top_sim = np.take_along_axis(sims, top, axis=1)
-        keep = top_sim >= min_sim
-        parts.append((np.broadcast_to(rows[:, None], top.shape)[keep], top[keep], top_sim[keep]))
+        chunk = q[start:start + block]
+        sims = (chunk.reshape(-1, q.shape[2]) @ everything.T).reshape(len(chunk), r, n, 8)
+        sims = sims.max(axis=3)
+        rows = np.arange(start, start + len(chunk))
+        lists = [sims[:, 0]] + ([sims[:, 1:].max(axis=1)] if r > 1 else [])
+        for sim in lists:
+            sim[np.arange(len(sim)), rows] = -np.inf  # an image is not its own copy
+            if part is not None:
+                sim[part[rows][:, None] == part[None, :]] = -np.inf
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            top_sim = np.take_along_axis(sims.max(axis=1), top, axis=1)  # the best view
+            keep = np.take_along_axis(sim, top, axis=1) >= min_sim
+            parts.append((np.broadcast_to(rows[:, None], top.shape)[keep], top[keep],
+                          top_sim[keep]))
     ii, jj, ss = (np.concatenate(p) for p in zip(*parts))
     pairs = np.zeros(len(ii), PAIR)
     pairs["i"], pairs["j"], pairs["sim"] = np.minimum(ii, jj), np.maximum(ii, jj), ss
-    # (i, j) found from both ends: keep one. The two similarities are equal up to rounding.
+    # (i, j) found from both ends: keep the higher similarity (turned queries make them differ)
+    pairs = pairs[np.argsort(-pairs["sim"], kind="stable")]
     _, first = np.unique(pairs["i"] * n + pairs["j"], return_index=True)
-    pairs = pairs[first]
-    return pairs[np.argsort(-pairs["sim"], kind="stable")]
+    return pairs[np.sort(first)]
 
 
 # ---------------------------------------------------------------------------- alignment

@@ -68,8 +68,9 @@ def near_duplicate_groups(thumbs: np.ndarray, aspects: Sequence[float] | None = 
     thumbs_c = thumbs[perm]
     keys_c = [keys[p] for p in perm]
     desc = np.stack([fp.descriptors(t) for t in thumbs_c])
+    queries = np.stack([fp.turned_queries(t) for t in thumbs_c])
     run = _Grouping(thumbs_c, aspects[perm], desc, keys_c, verdicts, executor)
-    run.go(fp.candidate_pairs(desc), chunk, progress)
+    run.go(fp.candidate_pairs(desc, queries=queries), chunk, progress)
     # back to the caller's order; group id = smallest member index there
     root = np.array([run.find(k) for k in range(n)])
     labels_c = np.empty(n, int)
@@ -203,3 +204,45 @@ class _Grouping:
                     witness_pairs += need
             if progress:
                 progress("verify", pos, len(pairs))
+
+
+# ---------------------------------------------------------------------------- saved
+
+FINGERPRINTS = "fingerprints.npz"
+
+
+def save_fingerprints(path, thumbs: dict[str, np.ndarray], verdicts: Verdicts):
+    """What grouping needs to run again without reading an image: thumbnails by sha256 and
+    every pair verdict (compressed numpy arrays, no pickles) -> path."""
+    keys = sorted(thumbs)
+    pairs = sorted(verdicts)
+    np.savez_compressed(
+        path, sha256=np.array(keys, dtype="U64"),
+        thumbs=(np.stack([thumbs[k] for k in keys]) if keys
+                else np.zeros((0, fp.THUMB, fp.THUMB), np.uint8)),
+        pair_sha256=np.array(pairs, dtype="U64").reshape(-1, 2),
+        pair_verdict=np.array([verdicts[p] for p in pairs], np.float32).reshape(-1, 2),
+        version=np.array([FORMAT_VERSION]))
+    return path
+
+
+FORMAT_VERSION = 1
+
+
+def load_fingerprints(path) -> tuple[dict[str, np.ndarray], Verdicts]:
+    """`save_fingerprints`' file -> (thumbnails by sha256, verdicts). ValueError names the
+    file when it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"][0]) != FORMAT_VERSION:
+                raise ValueError(f"{path}: fingerprints format {int(z['version'][0])}, this "
+                                 f"fxscore reads {FORMAT_VERSION}; run the audit again")
+            thumbs = dict(zip(z["sha256"].tolist(), z["thumbs"]))
+            verdicts = {tuple(p): (float(v[0]), float(v[1]))
+                        for p, v in zip(z["pair_sha256"].tolist(), z["pair_verdict"])}
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: not an fxscore fingerprints file ({e}); run "
+                         "`fxscore audit DATA --out DIR` to write one") from None
+    return thumbs, verdicts

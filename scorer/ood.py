@@ -1,17 +1,20 @@
-"""The out-of-distribution flag: how unlike the model's validation images an input is.
+"""The out-of-distribution flag: how unlike the images the model was made for an input is.
 
-    stats = fit_ood(model, validation_files)          # torch-free; model needs a pooled output
+    stats = fit_ood(model, train_files, holdout=val_files)   # torch-free; needs a pooled output
     data, meta = explain_graph.augment(model_bytes, model.meta, ood=stats)   # embed
     ... each scored row then gets ood_score (a distance) and ood (true/false)
 
 Score: the Mahalanobis distance of the model's pooled features (the 512 numbers ResNet18's
-head reads) to the mean of the validation images' features, under a Ledoit-Wolf shrunk
-covariance (a few hundred images cannot estimate a 512 x 512 covariance; shrinking towards a
+head reads) to the mean of the fit images' features, under a Ledoit-Wolf shrunk covariance
+(a few hundred or thousand images estimate a 512 x 512 covariance poorly; shrinking towards a
 scaled identity keeps it invertible and well conditioned, with the amount chosen from the data).
 The distance is computed inside the graph (`explain_graph.add_ood_output`), so the statistics
 are weights covered by the model's digest, and `mahalanobis` here is its numpy reference.
 
-Threshold: chosen on held-out images at a stated false-flag rate (default 1%). The fit images
+Fit: the mean and covariance on the training images and the threshold on the validation
+images (held out from the fit, unseen in training, like the images the model will score), at
+a stated false-flag rate (default 1%), as `fxscore export` does when it has both. Given one
+folder only (`fxscore augment --ood-fit VAL`), the threshold is chosen out of fold: the images
 are split into `folds` folds by content hash (byte-identical copies stay in one fold); each
 fold's distances are measured under statistics fit on the other folds, and the threshold is
 the ceil((1 - rate) (n + 1))-th smallest of these n out-of-fold distances (the conformal rule:
@@ -24,8 +27,8 @@ Left out of the fit: colour images (`images.image_info(decode=True)["has_colour"
 figures, photos; the audit's shortcut flag), so the flag does not learn them as normal, and
 files that cannot be read. What is excluded is counted in the stats.
 
-What a flag means: the input's features are further from the validation images' than all but
-`rate` of held-out validation images. It does not say the probability is wrong, only that
+What a flag means: the input's features are further from the fit images' than all but `rate`
+of the held-out images. It does not say the probability is wrong, only that
 the model was not validated on anything like it; rows keep their probability and label.
 """
 from __future__ import annotations
@@ -62,7 +65,8 @@ class OodStats:
     fit_images: int
     holdout_images: int  # out-of-fold distances the threshold was chosen from
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> images left out
-    holdout_flagged: float = 0.0  # share of out-of-fold distances above the threshold
+    holdout_flagged: float = 0.0  # share of the held-out distances above the threshold
+    threshold_from: str = "out of fold"  # or "held-out images"
 
     def whitening(self) -> np.ndarray:
         """W with ||(x - mean) @ W|| = Mahalanobis distance: V diag(1 / sqrt(lambda))."""
@@ -78,6 +82,7 @@ class OodStats:
                 "threshold": float(self.threshold), "false_flag_rate": float(self.false_flag_rate),
                 "fit_images": int(self.fit_images), "holdout_images": int(self.holdout_images),
                 "holdout_flagged": round(float(self.holdout_flagged), 6),
+                "threshold_from": self.threshold_from,
                 "shrinkage": round(float(self.shrinkage), 6),
                 "excluded": {k: int(v) for k, v in sorted(self.excluded.items())}}
 
@@ -138,17 +143,38 @@ def fold_of(key: str, folds: int) -> int:
 
 def fit_features(features: np.ndarray, keys: Sequence[str] | None = None, *,
                  false_flag_rate: float = FALSE_FLAG_RATE, folds: int = FOLDS,
-                 excluded: dict[str, int] | None = None) -> OodStats:
-    """OOD statistics from pooled features [n, K] (keys: content hashes, for the folds)."""
+                 excluded: dict[str, int] | None = None,
+                 holdout: np.ndarray | None = None) -> OodStats:
+    """OOD statistics from pooled features [n, K] (keys: content hashes, for the folds).
+
+    With `holdout` (features of other images, e.g. validation images when `features` are the
+    training images') the threshold is chosen on the holdout's distances; otherwise out of
+    fold.
+    """
     x = np.asarray(features, dtype=np.float64)
     n = len(x)
     if not 0 < false_flag_rate < 1:
         raise OodError(f"the false-flag rate must lie in (0, 1), got {false_flag_rate}")
     if n < MIN_IMAGES:
-        raise OodError(f"OOD statistics need at least {MIN_IMAGES} readable grey validation "
-                       f"images, got {n}")
+        raise OodError(f"OOD statistics need at least {MIN_IMAGES} readable grey images, "
+                       f"got {n}")
     if not np.isfinite(x).all():
         raise OodError("the model's pooled features hold NaN or infinite values")
+    if holdout is not None:
+        h = np.asarray(holdout, dtype=np.float64)
+        if len(h) < MIN_IMAGES or not np.isfinite(h).all():
+            raise OodError(f"the threshold needs at least {MIN_IMAGES} readable grey held-out "
+                           f"images with finite features, got {len(h)}")
+        mean, cov, shrinkage = ledoit_wolf(x)
+        values, vectors = _eigen(cov)
+        d = mahalanobis(h, mean, vectors / np.sqrt(values)[None, :])
+        threshold = conformal_threshold(d, false_flag_rate)
+        return OodStats(mean=mean, eigenvalues=values, eigenvectors=vectors,
+                        shrinkage=shrinkage, threshold=threshold,
+                        false_flag_rate=false_flag_rate, fit_images=n, holdout_images=len(h),
+                        excluded=dict(excluded or {}),
+                        holdout_flagged=float(np.mean(d > threshold)),
+                        threshold_from="held-out images")
     keys = list(keys) if keys is not None else [f"{i:08x}" for i in range(n)]
     fold = np.array([fold_of(k, folds) for k in keys])
     if len(set(fold.tolist())) < 2:  # all in one fold: fall back to positions
@@ -226,13 +252,26 @@ def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bo
 
 def fit_ood(model: "Model", files: Iterable[Path], *, false_flag_rate: float = FALSE_FLAG_RATE,
             folds: int = FOLDS, exclude_colour: bool = True,
+            holdout: Iterable[Path] | None = None,
             progress: Callable[[int], None] | None = None) -> OodStats:
-    """Fit OOD statistics on `files` (validation images) with `model` (which needs a pooled
-    output: `explain_graph.augment` it first). Torch-free."""
+    """Fit OOD statistics with `model` (which needs a pooled output: `explain_graph.augment`
+    it first) on `files`, torch-free.
+
+    With `holdout`: mean and covariance from `files` (the training images: more of them,
+    a better covariance), the threshold from the held-out `holdout` (validation images, which
+    the model was not trained on, like the images it will score). Without: `files` are
+    validation images, and the threshold is chosen out of fold. Colour images are left out of
+    both (`exclude_colour`).
+    """
     x, keys, _, excluded = pooled_features(model, files, exclude_colour=exclude_colour,
                                            progress=progress)
+    h = None
+    if holdout is not None:
+        h, _, _, left_out = pooled_features(model, holdout, exclude_colour=exclude_colour)
+        excluded = {k: excluded.get(k, 0) + left_out.get(k, 0)
+                    for k in {*excluded, *left_out}}
     return fit_features(x, keys, false_flag_rate=false_flag_rate, folds=folds,
-                        excluded=excluded)
+                        excluded=excluded, holdout=h)
 
 
 # ---------------------------------------------------------------------------- in rows
@@ -250,6 +289,7 @@ def ood_cells(score: float | None, threshold: float) -> tuple[float | None, bool
 
 def embed_ood_bytes(data: bytes, meta: Any, files: Sequence[Path], *,
                     false_flag_rate: float | None = None, threads: int | None = None,
+                    holdout: Sequence[Path] | None = None,
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Fit OOD statistics with the serialised model `data` (metadata `meta`, which must have a
     pooled output) on `files` and embed them -> {"_result": (bytes, meta), **stats summary}."""
@@ -261,14 +301,14 @@ def embed_ood_bytes(data: bytes, meta: Any, files: Sequence[Path], *,
     session = ort.InferenceSession(data, session_options(threads),
                                    providers=["CPUExecutionProvider"])
     model = Model(session=session, meta=meta, model_id="fitting", path=Path("<model>"))
-    stats = fit_ood(model, files, progress=progress,
+    stats = fit_ood(model, files, progress=progress, holdout=holdout,
                     false_flag_rate=FALSE_FLAG_RATE if false_flag_rate is None else false_flag_rate)
     new = explain_graph.augment(data, meta, ood=stats)
     return {**stats.contract(), "_result": new}
 
 
 def embed_ood(path: str | Path, files: Sequence[Path], *, false_flag_rate: float | None = None,
-              threads: int | None = None,
+              threads: int | None = None, holdout: Sequence[Path] | None = None,
               progress: Callable[[int], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """Fit OOD statistics with the model file at `path` on `files` and rewrite it in place
     (atomically) with them -> (its new ModelMeta, the stats summary). For `fxscore export`:
@@ -285,7 +325,7 @@ def embed_ood(path: str | Path, files: Sequence[Path], *, false_flag_rate: float
 
         data, meta = explain_graph.augment(data, meta)
     summary = embed_ood_bytes(data, meta, files, false_flag_rate=false_flag_rate,
-                              threads=threads, progress=progress)
+                              threads=threads, holdout=holdout, progress=progress)
     new_data, new_meta = summary.pop("_result")
     write_files({path: new_data})
     return new_meta, summary

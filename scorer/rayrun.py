@@ -6,12 +6,14 @@ row through the same writer, so output format, resume, --retry-errors and the su
 shared code. Only the scoring loop (`run_job(score=...)`) is replaced by `RayScore`:
 
 1. **Feed.** The files to score are written, as they are listed, to a spill file on the
-   driver's local disk (`Spill`: NUL-separated paths, one small (offset, count) descriptor per
-   Ray task), so the driver holds a few bytes per slice, not a list of millions of
-   paths. One Ray Data dataset covers the whole run: `from_items` of those descriptors, then
-   `read_slices` (tasks pinned to the driver's node, 0 CPUs) turns each into its paths.
-   One dataset means one actor pool for the run: starting a pool costs seconds (a worker
-   process per actor, imports, model load), which per chunk would be paid again and again.
+   driver's local disk (`Spill`: NUL-separated paths), so the driver does not hold the path
+   list. One Ray Data dataset covers the whole run: `from_items` of one small descriptor
+   (offset, count, first index) per slice of a Ray task's files, then `read_slices` (at most
+   READERS tasks, pinned to the driver's node, 0 CPUs) turns each into its paths. The driver
+   keeps Ray Data's bookkeeping of the descriptors (about 20 bytes per file, 20 MiB for a
+   million) and a bitmap, 1 bit per file. One dataset means one actor pool for the run:
+   starting a pool costs seconds (a worker process per actor importing Ray Data, the model
+   load), which per chunk of files would be paid again and again.
 2. **Score.** `map_batches(ScoreActor, ...)`: a pool of actors, each loading the model once
    (sent as bytes from the driver, checked against its model id, so nodes need no copy of it)
    with onnxruntime's intra-op threads set to the actor's CPUs and inter-op threads to 1. Each
@@ -72,6 +74,7 @@ WORKS_WITH_RAY = frozenset({
     # DICOM selection, columns and the decoder time limit: applied by score_batches in the
     # actors (run_job's `dicom`), excluded files counted by the driver's writer as without Ray
     "modalities", "for_processing", "dicom_columns", "decode_timeout",
+    "mark_training_copies",  # marked by run_job at the driver, from each row's sha256
     "ray", "ray_cpus", "ray_actors", "ray_batch_size"})
 # option -> why it is refused (values of a working option that are refused: see check_options)
 REFUSED_WITH_RAY = {
@@ -594,7 +597,8 @@ class RayScore:
                     if rows:
                         yield rows
             except ray.exceptions.RayError as e:
-                raise RunError(f"the Ray job failed: {_first_line(e)}") from None
+                raise RunError(f"the Ray job failed: {_first_line(e)} (is this fxscore, "
+                               "with the [ray] extra, installed on every node?)") from None
 
         def source_index(source: Spill, i: int) -> int:
             return i if source is spill else source.origin[i]

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Iterator
 from . import exitcodes, scorable
 from .cpus import available_cpus, available_memory
 from .files import Shard, find_images
+from .graph_outputs import MissingOutput, ood_columns, roles_for
 from .images import ImageReadError, open_regular
 from .model import Model
 from .output import Existing, RowWriter, RunIdentity, open_output
@@ -134,6 +135,10 @@ class Summary:
     sr_out: str | None = None
     sr_written: int = 0  # DICOM SRs written (--sr-out)
     sr_failed: int = 0  # SRs that could not be written (their rows are error rows)
+    ood_flagged: int = 0  # rows of this run flagged out of distribution (ood = true)
+    heatmaps: str | None = None  # --heatmaps folder
+    heatmaps_written: int = 0
+    heatmaps_skipped: int = 0  # the file changed, or could not be read again, after scoring
     links_not_followed: Counter = field(default_factory=Counter)  # kind -> links
     unlisted_folders: int = 0
     peak_budget_bytes: int = 0  # the most decoded bytes the budget held at once
@@ -307,10 +312,12 @@ def plan_resume(found: Iterable[tuple[str, Path]], existing: Existing, *,
 def write_rows(writer: RowWriter, batches: Iterable[list[Row]], summary: Summary,
                progress: Progress | None = None, total: int | None = None,
                on_excluded: Callable[[str, str], None] | None = None,
-               warn: Callable[[str], None] | None = None) -> None:
+               warn: Callable[[str], None] | None = None, heatmaps=None) -> None:
     """Append each batch (fsynced by the writer) and count it. Excluded files' rows
     (`scoring.EXCLUDED`) are counted by reason, not written; the first SR_WARNINGS SRs that
-    could not be written are warned about (all are counted, and are error rows)."""
+    could not be written are warned about (all are counted, and are error rows).
+    `heatmaps` (a `cam.HeatmapWriter`) writes each batch's heatmaps before its rows, so a row in
+    --out always has its heatmap and a resumed run leaves none missing."""
     for rows in batches:
         kept = []
         for r in rows:
@@ -321,8 +328,12 @@ def write_rows(writer: RowWriter, batches: Iterable[list[Row]], summary: Summary
                     on_excluded(r["path"], why)
             else:
                 kept.append(r)
+        if kept and heatmaps is not None:
+            heatmaps.write(kept)
+            summary.heatmaps_written, summary.heatmaps_skipped = heatmaps.written, heatmaps.skipped
         if kept:
             writer.write_batch(kept)
+        summary.ood_flagged += sum(1 for r in kept if r.get("ood"))
         failed = sum(1 for r in kept if r["error"])
         summary.failed += failed
         summary.scored += len(kept) - failed
@@ -346,7 +357,9 @@ def run_job(model: Model, root: str | Path, out: str, *, fmt: str = "csv",
             progress: Progress | None = None, warn: Callable[[str], None] | None = None,
             on_ignored: Callable[[str, str], None] | None = None,
             score: ScoreFn | None = None,
-            dicom: DicomOptions | None = DicomOptions()) -> Summary:
+            dicom: DicomOptions | None = DicomOptions(),
+            heatmaps: str | Path | None = None, heatmaps_for: str = "positive",
+            mark_training_copies: bool = False) -> Summary:
     """Score every file under `root` into `out` ("-": stdout), resuming what `out` holds.
 
     Raises RunError / output.OutputError / model.ModelError before anything is scored when the
@@ -356,6 +369,9 @@ def run_job(model: Model, root: str | Path, out: str, *, fmt: str = "csv",
     `dicom`: the DICOM selection, columns and SRs [default: projection radiographs, no
     columns, no SRs]; None scores every file. Excluded files are counted, and also reported
     to `on_ignored` as "excluded: <reason>".
+    `heatmaps`: a folder for one heatmap PNG per scored row (`heatmaps_for` "positive": rows
+    labelled the positive class; "all"); the model needs heatmap outputs (RunError otherwise).
+    A model with OOD statistics adds the columns ood_score and ood.
     """
     summary = Summary() if summary is None else summary
     summary.start()
@@ -373,13 +389,37 @@ def run_job(model: Model, root: str | Path, out: str, *, fmt: str = "csv",
     say = warn or (lambda message: None)
     if not root.exists():
         raise RunError(f"input {root} does not exist")
+    marks = None  # --mark-training-copies: the model's training-data table (exact hashes)
+    if mark_training_copies:
+        from .membership import MembershipError, run_table
+
+        try:
+            marks = run_table(model)
+        except MembershipError as e:
+            raise RunError(str(e)) from None
 
     if out != "-":
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create the folder of --out {out}: {e.strerror or e}") from None
-    columns = dicom.columns if dicom else ()
+    heatmap_writer = None
+    if heatmaps is not None:
+        from .cam import HeatmapWriter
+
+        try:
+            heatmap_writer = HeatmapWriter(heatmaps, model, heatmaps_for, workers=workers,
+                                           warn=say)
+        except MissingOutput as e:
+            raise RunError(str(e)) from None
+        except OSError as e:
+            raise RunError(f"cannot create --heatmaps {heatmaps}: {e.strerror or e}") from None
+        summary.heatmaps = str(heatmaps)
+    columns = (dicom.columns if dicom else ()) + ood_columns(model)
+    if marks is not None:
+        from .membership import IN_TRAINING
+
+        columns += (IN_TRAINING,)
     writer, existing = open_output(out, fmt, RunIdentity(model.model_id, threshold, root,
                                                          extra_columns=columns),
                                    overwrite=overwrite)
@@ -428,9 +468,14 @@ def run_job(model: Model, root: str | Path, out: str, *, fmt: str = "csv",
             isolated = make_isolated(workers, dicom.decode_timeout if dicom else None)
             batches = score_batches(model, todo, batch_size=batch_size, workers=workers,
                                     memory=budget, threshold=threshold, dicom=dicom,
-                                    isolated=isolated)
+                                    isolated=isolated,
+                                    roles=roles_for(model, heatmaps=heatmap_writer is not None))
         else:
             budget, batches = None, score(todo)
+        if marks is not None:
+            from .membership import MarkedBatches
+
+            batches = MarkedBatches(batches, marks)  # its close() closes the scorer's
 
         def excluded(rel: str, reason: str) -> None:
             if on_ignored:
@@ -440,7 +485,7 @@ def run_job(model: Model, root: str | Path, out: str, *, fmt: str = "csv",
             if progress:
                 progress("scoring", 0, plan.todo)
             write_rows(writer, batches, summary, progress, plan.todo, on_excluded=excluded,
-                       warn=say)
+                       warn=say, heatmaps=heatmap_writer)
         finally:
             close = getattr(batches, "close", None)
             if close:

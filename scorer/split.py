@@ -11,13 +11,23 @@ even when some groups are large.
 
 What is left out, and why (listed in excluded.csv):
 - unreadable files: nothing can be learned from them;
-- groups whose copies carry different labels: at least one label is wrong, and we cannot tell
+- the same bytes filed under two labels: at least one label is wrong, and we cannot tell
   which; training on both teaches noise, testing on either scores a guess;
+- near-copy groups whose members carry different labels, only with drop_conflicts: by default
+  such a group stays whole, in one split, with each file under its own label, and is reported
+  (`SplitPlan.conflicts`): a grouping can be wrong, and a whole group of dozens of files must
+  not vanish without a word;
 - byte-identical copies inside a group, unless keep_duplicates: an exact copy adds no
   information, only weight (train) or repeated votes (val/test, which then overstate how many
   independent images the number rests on). One copy per distinct content is kept. Near copies
   (rotated, re-encoded, ...) are kept: within one split they do no harm to the estimate that a
   cross-split copy would, and in train they act as augmentation.
+
+A split that leaves a class with under half its share of a split warns (`SplitPlan.warnings`).
+
+The groups are the audit's (`fxscore.grouping`): a function of the set of contents, so the audit
+of the written tree, which holds the same contents, finds the same groups. An audit written with
+`--out` can be reused (`audit_from_report`) instead of reading every image again.
 
 Files are hard-linked (no extra disk), copied where linking fails (another file system).
 """
@@ -36,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from . import csvsafe
-from . import fingerprint as fp
+from . import grouping
 from .audit import Audit, FileRecord, Progress, default_workers, split_rank
 
 SPLITS = ("train", "val", "test")
@@ -53,6 +63,7 @@ class SplitConfig:
     test: float = 0.2
     seed: int = 0
     keep_duplicates: bool = False
+    drop_conflicts: bool = False  # leave out near-copy groups whose labels disagree
 
     def __post_init__(self) -> None:
         if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
@@ -76,27 +87,37 @@ class SplitPlan:
     placed: list[Placement]
     excluded: list[dict[str, Any]]  # source, reason, group, sha256
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> files
+    # near-copy groups whose members carry different labels: group, labels, split (or
+    # "excluded" with drop_conflicts), paths
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    joined: list[list[int]] = field(default_factory=list)  # audit groups the leak check joined
+    warnings: list[str] = field(default_factory=list)  # classes left under half a share
 
 
 def plan_split(audit: Audit, config: SplitConfig, *, workers: int | None = None,
                progress: Progress | None = None) -> SplitPlan:
     """Decide where every file goes (or why it does not), deterministically for a seed.
 
-    Then check the plan the way `fxscore audit` will check the written tree: the audit of the
-    whole data set found copies among each image's closest images in the whole set; in the
-    smaller split tree the closest ones differ, and a copy the first grouping missed would
-    surface as a leak. Groups joined by such a pair are merged and the split is planned again,
-    until no pair across splits verifies.
+    Then check the plan the way `fxscore audit` will check the written tree: group the tree's
+    contents as that audit will (`fxscore.grouping`, with the audit's verdicts, so only pairs
+    never verified are). With the same contents the groups are the audit's; when contents
+    leave (a label conflict of the same bytes, --drop-conflicts) others may find new
+    neighbours, and groups that then join across splits are merged (`SplitPlan.joined`) and
+    the split planned again, until the written tree will audit clean.
     """
     excluded: list[dict[str, Any]] = []
-    conflicted = {g["group"]: g["labels"] for g in audit.conflicts}
+    labels_of: dict[str, set[str]] = defaultdict(set)  # sha256 -> the labels its files carry
+    for f in audit.files:
+        if not f.error and f.label:
+            labels_of[f.sha256].add(f.label)
     members: dict[int, list[FileRecord]] = defaultdict(list)
     for f in audit.files:
         if f.error:
             excluded.append(_excluded(f, f"unreadable: {f.error}"))
-        elif f.group in conflicted:
-            excluded.append(_excluded(f, f"label conflict in group {f.group}: "
-                                         + _labels(conflicted[f.group])))
+        elif len(labels_of[f.sha256]) > 1:
+            counts = Counter(g.label for g in audit.files if g.sha256 == f.sha256)
+            excluded.append(_excluded(f, "label conflict: the same bytes are filed as "
+                                         + _labels(counts)))
         else:
             members[f.group].append(f)
     if not members:
@@ -111,20 +132,152 @@ def plan_split(audit: Audit, config: SplitConfig, *, workers: int | None = None,
                 else:
                     kept[f.sha256] = f.path
             members[gid] = [f for f in fs if kept[f.sha256] == f.path]
+    # what each class would have with no conflict set aside: the base of its shares
+    readable = [f for f in audit.files if not f.error]
+    wanted = Counter(f.label for f in readable) if config.keep_duplicates else Counter(
+        label for _, label in {(f.sha256, f.label) for f in readable})
+    conflicts: list[dict[str, Any]] = []
+    if config.drop_conflicts:
+        _drop_conflicts(members, excluded, conflicts)
 
-    checker = _LeakCheck(audit, workers, progress)
-    with checker:
+    joined: list[list[int]] = []
+    with _LeakCheck(audit, workers, progress) as checker:
         while True:
             placements = _assign(members, config)
             links = checker.links(placements)
             if not links:
                 break
-            _merge(members, links, excluded)
+            joined += _merge(members, links)
+            if config.drop_conflicts:
+                _drop_conflicts(members, excluded, conflicts)
+    if not placements:
+        raise SplitError(f"{audit.root}: every image was left out (label conflicts); see "
+                         "excluded.csv, or split without --drop-conflicts")
     counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     for p in placements:
         counts[p.split][p.label] = counts[p.split].get(p.label, 0) + 1
+    split_of = {p.group: p.split for p in placements}
+    for gid in sorted(members):
+        labels = Counter(f.label for f in members[gid])
+        if len(labels) > 1:
+            conflicts.append({"group": gid, "labels": dict(sorted(labels.items())),
+                              "split": split_of[gid],
+                              "paths": sorted(f.path for f in members[gid])})
+    conflicts.sort(key=lambda c: c["group"])
     excluded.sort(key=lambda e: e["source"])
-    return SplitPlan(config, placements, excluded, counts)
+    return SplitPlan(config, placements, excluded, counts, conflicts, joined,
+                     _share_warnings(counts, wanted, config))
+
+
+def _drop_conflicts(members: dict[int, list[FileRecord]], excluded: list[dict[str, Any]],
+                    conflicts: list[dict[str, Any]]) -> None:
+    """--drop-conflicts: near-copy groups whose members carry different labels leave."""
+    for gid in [g for g, fs in members.items() if len({f.label for f in fs}) > 1]:
+        fs = members.pop(gid)
+        labels = Counter(f.label for f in fs)
+        conflicts.append({"group": gid, "labels": dict(sorted(labels.items())),
+                          "split": "excluded", "paths": sorted(f.path for f in fs)})
+        excluded.extend(_excluded(f, f"label conflict in group {gid} (--drop-conflicts): "
+                                     + _labels(labels)) for f in fs)
+
+
+def _share_warnings(counts: dict[str, dict[str, int]], wanted: Counter,
+                    config: SplitConfig) -> list[str]:
+    """A class with under half of its share in a split: the split's numbers for that class
+    rest on too few images, or the class was mostly left out (conflicts)."""
+    share = {"train": 1 - config.val - config.test, "val": config.val, "test": config.test}
+    out = []
+    for label in sorted(wanted):
+        for s in SPLITS:
+            expected = share[s] * wanted[label]
+            have = counts[s].get(label, 0)
+            if expected >= 1 and have < 0.5 * expected:
+                name = f"'{label}'" if label else "unlabelled"
+                out.append(f"{s} holds {have} {name} file{'s' if have != 1 else ''}, under "
+                           f"half its share ({share[s]:.0%} of {wanted[label]})")
+    return out
+
+
+REPORT_FILES = ("audit.json", "files.csv", grouping.FINGERPRINTS)
+
+
+def audit_from_report(report: str | os.PathLike, data: str | os.PathLike, *,
+                      workers: int | None = None, labels: bool = True) -> Audit:
+    """The audit `fxscore audit DATA --out REPORT` wrote (audit.json, files.csv,
+    fingerprints.npz), for `plan_split`, checked against DATA: the same image files, each
+    hashed again to the same sha256 (seconds, where reading every image took minutes).
+    SplitError names what differs and the fix."""
+    from .audit import AuditError, discover
+
+    report, data = Path(report), Path(data)
+    again = f"run `fxscore audit {data} --out {report}` again, or split without --audit"
+    missing = [name for name in REPORT_FILES if not (report / name).is_file()]
+    if missing:
+        raise SplitError(f"{report}: no {', '.join(missing)} here; {again}")
+    try:
+        doc = json.loads((report / "audit.json").read_text(encoding="utf-8"))
+        with open(report / "files.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csvsafe.read_dicts(fh))
+        thumbs, verdicts = grouping.load_fingerprints(report / grouping.FINGERPRINTS)
+        files = [FileRecord(path=r["path"], split=r["split"], label=r["label"],
+                            sha256=r["sha256"], bytes=int(r["bytes"] or 0), error=r["error"],
+                            format=r["format"], width=int(r["width"] or 0),
+                            height=int(r["height"] or 0), mode=r["mode"],
+                            colour=r["colour"] == "1", bit_depth=int(r["bit_depth"] or 0),
+                            group=int(r["group"])) for r in rows]
+        layout = doc["layout"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SplitError(f"{report}: not an fxscore audit report ({e}); {again}") from None
+    try:
+        _, now = discover(data, labels=labels)
+    except AuditError as e:
+        raise SplitError(str(e)) from None
+    then = {f.path: f for f in files}
+    gone = sorted(set(then) - {f.path for f in now})
+    new = sorted({f.path for f in now} - set(then))
+    relabelled = sorted(f.path for f in now if f.path in then
+                        and (f.split, f.label) != (then[f.path].split, then[f.path].label))
+    for what, paths in (("are gone", gone), ("are new", new), ("moved split or class", relabelled)):
+        if paths:
+            raise SplitError(f"{data}: {len(paths)} files {what} since the audit in {report} "
+                             f"(e.g. {paths[0]}); {again}")
+    workers = workers or default_workers()
+    paths = [str(data / f.path) for f in files]
+    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Serial() as pool:
+        hashes = list(pool.map(_sha_or_none, paths, chunksize=64))
+    changed = [f.path for f, h in zip(files, hashes) if f.sha256 and h != f.sha256]
+    if changed:
+        raise SplitError(f"{data}: {len(changed)} files changed since the audit in {report} "
+                         f"(e.g. {changed[0]}); {again}")
+    shas = {f.sha256 for f in files if f.sha256 and not f.error}
+    if shas - set(thumbs):
+        raise SplitError(f"{report}/{grouping.FINGERPRINTS}: thumbnails missing for "
+                         f"{len(shas - set(thumbs))} contents; {again}")
+    return Audit(root=str(data), layout=layout, splits=doc.get("splits", []),
+                 classes=doc.get("classes", []), files=files, groups=doc.get("groups", []),
+                 leaks=doc.get("leaks", []), conflicts=doc.get("conflicts", []),
+                 shortcuts=doc.get("shortcuts", []), stats=doc.get("stats", {}),
+                 thumbs={s: thumbs[s] for s in shas}, verdicts=verdicts)
+
+
+def _sha_or_none(path: str) -> str | None:
+    from .hashing import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+class _Serial:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)
 
 
 def _labels(counts: dict[str, int]) -> str:
@@ -139,7 +292,9 @@ def _assign(members: dict[int, list[FileRecord]], config: SplitConfig) -> list[P
     split_of: dict[int, str] = {}
     by_label: dict[str, list[int]] = defaultdict(list)
     for gid in sorted(members):
-        by_label[members[gid][0].label].append(gid)
+        # a group of mixed labels (a kept conflict) is balanced as its most common label
+        labels = Counter(f.label for f in members[gid])
+        by_label[min(labels, key=lambda k: (-labels[k], k))].append(gid)
     for label in sorted(by_label):
         gids = [by_label[label][k] for k in rng.permutation(len(by_label[label]))]
         gids.sort(key=lambda g: -len(members[g]))  # stable: ties keep the shuffled order
@@ -157,10 +312,8 @@ def _assign(members: dict[int, list[FileRecord]], config: SplitConfig) -> list[P
     return placements
 
 
-def _merge(members: dict[int, list[FileRecord]], links: list[tuple[int, int]],
-           excluded: list[dict[str, Any]]) -> None:
-    """Join linked groups (under the smaller id); a joined group with two labels is a
-    conflict and leaves the split."""
+def _merge(members: dict[int, list[FileRecord]], links: list[tuple[int, int]]) -> list[list[int]]:
+    """Join linked groups (under the smaller id) -> the sets of groups joined."""
     parent = {g: g for g in members}
 
     def find(g: int) -> int:
@@ -172,29 +325,27 @@ def _merge(members: dict[int, list[FileRecord]], links: list[tuple[int, int]],
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
+    joined: dict[int, list[int]] = defaultdict(list)
     for gid in sorted(members):
-        root = find(gid)
-        if root != gid:
+        joined[find(gid)].append(gid)
+    for root, gids in joined.items():
+        for gid in gids[1:]:
             members[root].extend(members.pop(gid))
-    for gid in [g for g, fs in members.items() if len({f.label for f in fs}) > 1]:
-        fs = members.pop(gid)
-        labels = _labels(Counter(f.label for f in fs))
-        excluded.extend(_excluded(f, f"label conflict in group {gid} (joined by the split's "
-                                     f"leak check): {labels}") for f in fs)
+    return [gids for gids in joined.values() if len(gids) > 1]
 
 
 class _LeakCheck:
-    """Verifies, for a planned split, the candidate pairs across splits that `fxscore audit`
-    of the written tree will verify: the same contents in the same order give the same
-    descriptors and candidates, so a pair that fails here fails there. Remembers every score,
-    so planning again only verifies new pairs."""
+    """Groups, for a planned split, the contents of the tree it will write, exactly as
+    `fxscore audit` of that tree will (`fxscore.grouping`: same contents, same groups), and
+    returns the planned groups that would end up joined across two splits. Verdicts are the
+    audit's and are kept, so planning again only verifies new pairs."""
 
     def __init__(self, audit: Audit, workers: int | None, progress: Progress | None) -> None:
         self.thumbs = audit.thumbs
-        self.aspect = {f.sha256: f.height / f.width for f in audit.files
-                       if f.sha256 in audit.thumbs and f.width}
-        self.desc: dict[str, np.ndarray] = {}
-        self.scores: dict[tuple[str, str], float] = {}
+        # the aspect ratio the audit grouped with: that of the decoded image
+        self.aspect = {f.sha256: f.height / max(1, f.width) for f in audit.files
+                       if f.sha256 in audit.thumbs}
+        self.verdicts = audit.verdicts
         self.workers = workers or default_workers()
         self.progress = progress
         self.pool = None
@@ -207,40 +358,30 @@ class _LeakCheck:
             self.pool.shutdown()
 
     def links(self, placements: list[Placement]) -> list[tuple[int, int]]:
-        # contents in the order the audit of the written tree will meet them (sorted paths),
-        # so that each pair is verified the same way round as that audit will
-        group_of, split_of, order = {}, {}, []
-        for p in sorted(placements, key=lambda p: p.path):
-            if p.sha256 not in group_of:
-                order.append(p.sha256)
-                group_of[p.sha256], split_of[p.sha256] = p.group, SPLITS.index(p.split)
-        for sha in order:
-            if sha not in self.desc:
-                self.desc[sha] = fp.descriptors(self.thumbs[sha])
-        desc = np.stack([self.desc[s] for s in order])
-        # exactly the pairs that audit will consider, of those the ones across splits
-        pairs = fp.candidate_pairs(desc)
-        part = np.array([split_of[s] for s in order])
-        pairs = pairs[part[pairs["i"]] != part[pairs["j"]]]
-        key = [(order[i], order[j]) for i, j in zip(pairs["i"].tolist(), pairs["j"].tolist())]
-        todo = [k for k, pair in enumerate(key) if pair not in self.scores]
-        if self.pool is None and self.workers > 1 and len(todo) >= 64:  # worth starting
+        group_of: dict[str, int] = {}
+        split_of: dict[str, str] = {}
+        for p in placements:
+            group_of.setdefault(p.sha256, p.group)
+            split_of.setdefault(p.sha256, p.split)
+        keys = sorted(group_of)
+        if not keys:
+            return []
+        if self.pool is None and self.workers > 1 and len(keys) >= 256:  # worth starting
             self.pool = ProcessPoolExecutor(self.workers)
-        for start in range(0, len(todo), 512):
-            chosen = pairs[todo[start:start + 512]]
-            idx = np.unique(np.concatenate([chosen["i"], chosen["j"]]))
-            local = {int(g): k for k, g in enumerate(idx)}
-            batch = chosen.copy()
-            batch["i"] = [local[int(i)] for i in chosen["i"]]
-            batch["j"] = [local[int(j)] for j in chosen["j"]]
-            scores = fp.verify_pairs(np.stack([self.thumbs[order[g]] for g in idx]),
-                                     np.array([self.aspect[order[g]] for g in idx]),
-                                     desc[idx], batch, self.pool)
-            for k, score in zip(todo[start:start + 512], scores.tolist()):
-                self.scores[key[k]] = score
-            if self.progress:
-                self.progress("leak check", min(start + 512, len(todo)), len(todo))
-        return [(group_of[a], group_of[b]) for a, b in key if self.scores[a, b] >= fp.MATCH_SCORE]
+        near = grouping.near_duplicate_groups(
+            np.stack([self.thumbs[k] for k in keys]), [self.aspect[k] for k in keys],
+            keys=keys, verdicts=self.verdicts, executor=self.pool,
+            progress=(lambda stage, done, total: self.progress("leak check", done, total))
+            if self.progress else None)
+        tree_groups: dict[int, set[str]] = defaultdict(set)
+        for k, label in zip(keys, near.labels.tolist()):
+            tree_groups[label].add(k)
+        links = []
+        for contents in tree_groups.values():
+            if len({split_of[k] for k in contents}) > 1:  # would be a leak in the tree
+                gids = sorted({group_of[k] for k in contents})
+                links += [(gids[0], g) for g in gids[1:]]
+        return links
 
 
 def _excluded(f: FileRecord, reason: str) -> dict[str, Any]:
@@ -305,6 +446,8 @@ def write_split(plan: SplitPlan, data: str | os.PathLike, out: str | os.PathLike
         "files": len(plan.placed), "groups": len({p.group for p in plan.placed}),
         "counts": plan.counts, "excluded": dict(Counter(_kind(e["reason"]) for e in plan.excluded)),
         "hard_linked": how["link"], "copied": how["copy"],
+        "conflicts": plan.conflicts, "joined_by_leak_check": plan.joined,
+        "warnings": plan.warnings,
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -225,7 +225,7 @@ def test_one_class_folder_reports_what_it_can(tmp_path, tiny_model):
     r = invoke(root, "-m", tiny_model, "--target-sensitivity", "0.9", "--report",
                tmp_path / "out")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert (tmp_path / "out" / "report.html").read_text().count('<div class="fig"><img') == 4
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["roc_auc"]["value"] is None
     sens = next(ln for ln in r.stdout.splitlines() if "Sensitivity (recall)" in ln)
     assert sens.split()[2] != "n/a"
@@ -297,7 +297,7 @@ def test_eval_on_the_real_test_set(tmp_path, real_data_root, tiny_model):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 340 and sum(bool(row["error"]) for row in rows) == len(failed)
     page = (out / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('<div class="fig"><img') == 4  # the figures; the gallery adds thumbnails
     assert all(f["path"] in page for f in failed)
     assert doc["classification_report"]["macro avg"]["support"] == data["readable"]
     assert sum(map(sum, doc["confusion_matrix"]["matrix"])) == data["readable"]

@@ -83,9 +83,19 @@ def test_augment_with_ood_statistics_flags_what_is_unlike_them(tmp_path, cnn):
     assert "OOD: unlike the model's validation images" in r.stdout
 
 
+def test_augment_with_a_threshold_set_apart(tmp_path, cnn):
+    _images(tmp_path / "train", 30, seed=1)
+    _images(tmp_path / "val", 25, seed=2)
+    r = invoke("augment", cnn, "--out", tmp_path / "ood.onnx", "--ood-fit", tmp_path / "train",
+               "--ood-threshold-on", tmp_path / "val")
+    assert r.exit_code == 0, r.output
+    assert "fit on 30 images" in r.stderr and "of 25 held-out images" in r.stderr
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--out", "x.txt"], 2, "name the model file *.onnx"),
     (["--out", "x.onnx", "--ood-fit", "EMPTY"], 1, "no image files found"),
+    (["--out", "x.onnx", "--ood-threshold-on", "EMPTY"], 2, "needs --ood-fit"),
 ])
 def test_augment_usage_errors(tmp_path, cnn, args, code, message):
     (tmp_path / "EMPTY").mkdir()
@@ -107,3 +117,84 @@ def test_explain_an_unreadable_image_is_a_clear_error(tmp_path, cnn):
     bad.write_bytes(b"not an image at all")
     r = invoke("explain", bad, "-m", tmp_path / "e.onnx", "-o", tmp_path / "h.png")
     assert r.exit_code == 1 and "bad.png" in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------------------- fxscore run
+
+
+def _read_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_one_heatmap_per_row_and_resumes_without_gaps(tmp_path, cnn):
+    from fxscore.cam import PNG_TEXT_KEY, heatmap_name, row_path_of
+
+    invoke("augment", cnn, "--out", tmp_path / "e.onnx")
+    src = tmp_path / "in"
+    _images(src / "a", 3, seed=1)
+    _images(src / "b, c", 2, seed=2)  # a comma in the folder: the name escapes it
+    args = ["run", src, "-m", tmp_path / "e.onnx", "--out", tmp_path / "p.csv", "--heatmaps",
+            tmp_path / "hm", "--heatmaps-for", "all", "-q"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    rows = _read_rows(tmp_path / "p.csv")
+    names = sorted(p.name for p in (tmp_path / "hm").iterdir())
+    assert names == sorted(heatmap_name(row["path"]) for row in rows) and len(names) == 5
+    assert sorted(row_path_of(n) for n in names) == sorted(row["path"] for row in rows)
+    with Image.open(tmp_path / "hm" / heatmap_name(rows[0]["path"])) as im:
+        assert im.text[PNG_TEXT_KEY] == rows[0]["path"]
+    # more files, a rerun: only the new rows get (new) heatmaps; none is missing
+    _images(src / "d", 2, seed=3)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hm").iterdir()}
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hm").iterdir()}
+    assert len(after) == 7 and all(after[n] == t for n, t in before.items())
+
+
+def test_run_heatmaps_for_positive_rows_only_by_default(tmp_path, cnn):
+    from fxscore.cam import heatmap_name
+
+    invoke("augment", cnn, "--out", tmp_path / "e.onnx")
+    _images(tmp_path / "in", 8, seed=4)
+    r = invoke("run", tmp_path / "in", "-m", tmp_path / "e.onnx", "--out", tmp_path / "p.csv",
+               "--heatmaps", tmp_path / "hm")
+    assert r.exit_code == 0, r.output
+    rows = _read_rows(tmp_path / "p.csv")
+    positive = [row for row in rows if row["label"] == "fractured"]
+    assert sorted(p.name for p in (tmp_path / "hm").iterdir()) == sorted(
+        heatmap_name(row["path"]) for row in positive)
+    assert f"{len(positive)} heatmap" in r.stderr
+
+
+def test_run_heatmaps_with_a_model_without_outputs_fails_before_scoring(tmp_path, cnn):
+    _images(tmp_path / "in", 2)
+    r = invoke("run", tmp_path / "in", "-m", cnn, "--out", tmp_path / "p.csv", "--heatmaps",
+               tmp_path / "hm")
+    assert r.exit_code == 1 and "has no heatmap outputs" in r.output
+    assert "fxscore augment" in r.output and not (tmp_path / "p.csv").exists()
+
+
+def test_run_with_ood_statistics_adds_the_columns_and_counts_the_flags(tmp_path, cnn):
+    _images(tmp_path / "val", 40)
+    invoke("augment", cnn, "--out", tmp_path / "o.onnx", "--ood-fit", tmp_path / "val")
+    src = tmp_path / "in"
+    _images(src, 3, seed=9)
+    Image.fromarray(np.full((48, 40), 255, np.uint8)).save(src / "white.png")
+    (src / "broken.png").write_bytes(b"no image")
+    r = invoke("run", src, "-m", tmp_path / "o.onnx", "--out", tmp_path / "p.csv")
+    assert r.exit_code == 3, r.output  # broken.png
+    with open(tmp_path / "p.csv") as f:
+        assert f.readline().rstrip("\r\n").endswith(",error,ood_score,ood")
+    rows = {row["path"]: row for row in _read_rows(tmp_path / "p.csv")}
+    assert rows["white.png"]["ood"] == "1" and float(rows["white.png"]["ood_score"]) > 0
+    assert rows["broken.png"]["ood"] == "" and rows["broken.png"]["ood_score"] == ""
+    assert rows["white.png"]["probability"]  # flagged rows keep their score
+    assert "flagged out of distribution" in r.stderr
+    plain = invoke("run", src, "-m", cnn, "--out", tmp_path / "q.csv")  # no statistics
+    with open(tmp_path / "q.csv") as f:
+        assert f.readline().rstrip("\r\n").endswith(",sha256,error")
+    assert plain.exit_code == 3

@@ -216,3 +216,37 @@ def test_the_tiny_gap_model_is_augmented_too(tmp_path):
     path = make_model(tmp_path / "tiny.onnx")
     _, model, meta = _augmented(tmp_path, path)
     assert meta.cam["cells"] == [64, 64] and meta.cam["weights"] == pytest.approx([4 / 3] * 3)
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_fxscore_export_adds_heatmap_outputs_and_ood_statistics(tmp_path, tmp_path_factory):
+    """The export pipeline: fp32 and int8 files both get the outputs, and statistics fit on
+    --calibration (training) images with the threshold on the --verify images, each model on
+    its own features; parity was checked before (the probability path is unchanged)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sympy")
+    from conftest import SAMPLE_DATA
+    from export_checkpoints import export_once, link_slice
+
+    from fxscore.export import pipeline
+
+    checkpoint, _ = export_once(tmp_path_factory)
+    verify = link_slice(SAMPLE_DATA, tmp_path / "verify", per_class=12)
+    train = link_slice(SAMPLE_DATA, tmp_path / "train", per_class=15, split="train")
+    out = tmp_path / "model.onnx"
+    report = pipeline.export(checkpoint, pipeline.ExportOptions(
+        out=out, verify=verify, int8=True, calibration=train, force=True))
+    for path, section in ((out, report), (pipeline.int8_path(out), report["int8"])):
+        model = load_model(path)
+        assert model.verified
+        assert set(model.meta.outputs) == {"probability", "feature_map", "pooled", "ood_score"}
+        assert model.meta.cam["cells"] == [2, 2]  # 64 px input / 32
+        # mean and covariance of the training images, threshold on the validation images
+        assert (model.meta.ood["fit_images"], model.meta.ood["holdout_images"]) == (30, 24)
+        assert section["explain"]["ood"]["threshold"] == model.meta.ood["threshold"]
+        x = _inputs(2, 64)
+        out_ = model.predict_with(x, ("probability", "ood_score"))
+        np.testing.assert_array_equal(out_["probability"], model.predict(x))
+    assert load_model(out).meta.ood["threshold"] != load_model(
+        pipeline.int8_path(out)).meta.ood["threshold"]

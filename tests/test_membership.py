@@ -390,3 +390,44 @@ def test_the_reports_show_the_copies(hashes_model, eval_folder, tmp_path):
                         exclude_training_copies=True)
     assert "excluded, the metrics are on the other files; with them, ROC-AUC" in \
         format_text(excluded)
+
+
+def test_fxscore_run_marks_training_copies(sample_model, eval_folder, tmp_path, tiny_model):
+    import csv
+
+    from click.testing import CliRunner
+
+    from fxscore.cli import cli
+
+    out = tmp_path / "preds.csv"
+    args = ["run", str(eval_folder), "--model", str(sample_model), "--out", str(out), "--quiet",
+            "--mark-training-copies"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-1] == "in_training"
+    marked = sorted((row["path"].rsplit(".", 1)[0], row["in_training"]) for row in rows
+                    if row["in_training"])
+    assert marked == [("fractured/x0", "train"), ("fractured/x1", "train"),
+                      ("not fractured/x0", "val")]
+    assert CliRunner().invoke(cli, args).exit_code == 0  # resumes: same columns
+    r = CliRunner().invoke(cli, ["run", str(eval_folder), "--model", str(tiny_model), "--out",
+                                 str(tmp_path / "t.csv"), "--quiet", "--mark-training-copies"])
+    assert r.exit_code == 1 and "carries no training-data hashes" in r.output, r.output
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_the_descriptor_kind_changes_with_the_descriptor(monkeypatch):
+    from fxscore import fingerprint as fp
+
+    before = mb.descriptor_kind()
+    real = fp.descriptors
+    monkeypatch.setattr(fp, "descriptors", lambda thumb: real(thumb)[::-1].copy())
+    mb.descriptor_kind.cache_clear()
+    try:
+        assert mb.descriptor_kind() != before
+    finally:
+        monkeypatch.undo()
+        mb.descriptor_kind.cache_clear()
+    assert mb.descriptor_kind() == before

@@ -154,3 +154,24 @@ def test_eval_rows_carry_the_flag_and_are_summarised_apart(tmp_path, explain_cnn
     assert (summary["in_distribution"]["images"] + summary["out_of_distribution"]["images"]
             == len(ev.rows))
     assert ood_summary([{**r, "ood": None} for r in ev.rows], "fractured", 0.5) is None
+
+
+def test_with_a_holdout_the_threshold_comes_from_the_held_out_images():
+    x, mix = _gaussian(400, 32, seed=5)
+    rng = np.random.default_rng(6)
+    held = rng.standard_normal((300, 32)) @ mix + 2.0
+    stats = fit_features(x, false_flag_rate=0.05, holdout=held)
+    assert (stats.fit_images, stats.holdout_images) == (400, 300)
+    assert stats.threshold == conformal_threshold(stats.distance(held), 0.05)
+    assert stats.holdout_flagged <= 0.05 and stats.contract()["threshold_from"] == "held-out images"
+    with pytest.raises(OodError, match="held-out"):
+        fit_features(x, holdout=held[:5])
+
+
+def test_fit_ood_with_holdout_files(tmp_path, explain_cnn):
+    train = _textures(tmp_path / "train", 30, seed=0)
+    val = _textures(tmp_path / "val", 25, seed=1) + _textures(tmp_path / "val", 2, seed=2,
+                                                               colour=True)
+    stats = fit_ood(load_model(explain_cnn), train, holdout=val)
+    assert (stats.fit_images, stats.holdout_images) == (30, 25)
+    assert stats.excluded == {"colour": 2}

@@ -8,7 +8,6 @@ The tests marked `ray` need the [ray] extra and share one local cluster (2 CPUs)
 from __future__ import annotations
 
 import csv
-import io
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from fxscore.files import Shard
 from fxscore.model import load_model
 from fxscore.runner import run_job
 
-from conftest import REPO, SAMPLE_DATA
+from conftest import SAMPLE_DATA
 from onnx_models import make_model
 
 needs_ray = pytest.mark.ray
@@ -269,8 +268,6 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 @needs_ray
 def test_local_cluster_listens_on_loopback_only_without_usage_stats(ray_local):
-    from fxscore.rayrun import ray_cluster  # noqa: F401 - the fixture started it
-
     pids = _descendants(os.getpid())
     names = set()
     for pid in pids:
@@ -284,6 +281,7 @@ def test_local_cluster_listens_on_loopback_only_without_usage_stats(ray_local):
     raylet = next(p for p in pids if b"raylet" in Path(f"/proc/{p}/cmdline").read_bytes()[:200])
     environ = Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
     assert b"RAY_USAGE_STATS_ENABLED=0" in environ
+    assert b"RAY_AUTH_MODE=token" in environ  # Ray's token authentication, on
     assert ray_local.util.get_node_ip_address() == "127.0.0.1"
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +31,8 @@ def save(im, path: Path, fmt: str | None = None) -> Path:
 def data(tmp_path_factory) -> Path:
     """40 pictures per class spread over train/val/test, with copies across the splits:
     pictures 0..3 also appear turned in val or test, picture 4 twice byte for byte, picture 5
-    under the other label, plus one broken file and a file name used twice."""
+    flipped under the other label (a near-copy conflict), picture 7 byte for byte under the
+    other label (an exact conflict), plus one broken file and a file name used twice."""
     root = tmp_path_factory.mktemp("data")
     splits = ["train"] * 6 + ["val", "test"]
     for s in range(80):
@@ -40,6 +44,7 @@ def data(tmp_path_factory) -> Path:
              root / ("val" if s < 2 else "test") / label / f"copy{s}.png")
     shutil.copyfile(root / "train/a/p4.png", root / "test/a/p4_again.png")
     save(COPIES["flip"](to_pil(texture(5, size=96))), root / "val" / "a" / "p5_as_a.png")
+    shutil.copyfile(root / "test/b/p7.png", root / "test/a/p7_as_a.png")
     (root / "val" / "b" / "broken.png").write_bytes((root / "train/a/p0.png").read_bytes()[:300])
     save(to_pil(texture(100, size=96)), root / "test" / "b" / "p1.png")  # same name as train/b/p1
     return root
@@ -71,18 +76,88 @@ def test_what_is_left_out_and_why(data_audit):
     reasons = {e["source"]: e["reason"] for e in plan.excluded}
     assert reasons["val/b/broken.png"].startswith("unreadable: ")
     assert reasons["test/a/p4_again.png"] == "exact copy of train/a/p4.png"
-    assert reasons["train/b/p5.png"].startswith("label conflict in group")
-    assert reasons["val/a/p5_as_a.png"].startswith("label conflict in group")
+    for path in ("test/b/p7.png", "test/a/p7_as_a.png"):  # the same bytes, two labels
+        assert reasons[path] == "label conflict: the same bytes are filed as a (1), b (1)"
     assert len(reasons) == 4
     placed = {p.source for p in plan.placed}
     assert len(placed) == len(data_audit.files) - 4 and not placed & set(reasons)
+
+
+def test_a_near_copy_group_with_two_labels_stays_whole_and_is_reported(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig())
+    where = {p.source: (p.split, p.path.split("/")[1]) for p in plan.placed}
+    (conflict,) = plan.conflicts
+    assert conflict["paths"] == ["train/b/p5.png", "val/a/p5_as_a.png"]
+    assert conflict["labels"] == {"a": 1, "b": 1}
+    # one split, each file in the folder of its own label
+    assert where["train/b/p5.png"] == (conflict["split"], "b")
+    assert where["val/a/p5_as_a.png"] == (conflict["split"], "a")
+
+
+def test_drop_conflicts_leaves_the_group_out(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig(drop_conflicts=True))
+    reasons = {e["source"]: e["reason"] for e in plan.excluded}
+    for path in ("train/b/p5.png", "val/a/p5_as_a.png"):
+        assert reasons[path].startswith("label conflict in group")
+        assert "(--drop-conflicts): a (1), b (1)" in reasons[path]
+    assert [c["split"] for c in plan.conflicts] == ["excluded"] and len(reasons) == 6
+
+
+def test_a_class_left_with_under_half_its_share_warns(data_audit):
+    assert S.plan_split(data_audit, S.SplitConfig()).warnings == []
+    # every 'b' picture of train also filed as 'a', byte for byte: they are all set aside
+    extra = [dataclasses.replace(f, path="more/" + f.path, label="a") for f in data_audit.files
+             if f.label == "b" and f.split == "train" and not f.error]
+    plan = S.plan_split(dataclasses.replace(data_audit, files=data_audit.files + extra),
+                        S.SplitConfig())
+    assert any(re.fullmatch(r"train holds \d+ 'b' files, under half its share \(70% of \d+\)", w)
+               for w in plan.warnings), plan.warnings
+
+
+def test_split_and_audit_share_one_grouping(data_audit):
+    plan = S.plan_split(data_audit, S.SplitConfig())
+    assert plan.joined == []
+    group_of = {f.path: f.group for f in data_audit.files}
+    assert all(p.group == group_of[p.source] for p in plan.placed)
+    audit_conflicts = [g["paths"] for g in data_audit.conflicts if not g["exact_conflict"]]
+    assert audit_conflicts == [c["paths"] for c in plan.conflicts]
+
+
+def test_a_written_audit_is_reused_and_checked_against_the_data(data, data_audit, tmp_path):
+    A.write_report(data_audit, tmp_path / "report")
+    again = S.audit_from_report(tmp_path / "report", data, workers=1)
+    assert again.verdicts == data_audit.verdicts and again.thumbs.keys() == data_audit.thumbs.keys()
+    plans = [S.plan_split(a, S.SplitConfig(seed=2)) for a in (data_audit, again)]
+    assert [(p.source, p.split, p.group) for p in plans[0].placed] == [
+        (p.source, p.split, p.group) for p in plans[1].placed]
+    assert plans[0].excluded == plans[1].excluded and plans[0].conflicts == plans[1].conflicts
+
+
+@pytest.mark.parametrize("change, message", [
+    ("edit", "1 files changed since the audit"),
+    ("add", "1 files are new since the audit"),
+    ("report", "no fingerprints.npz here"),
+])
+def test_a_stale_or_partial_report_is_refused(data, data_audit, tmp_path, change, message):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    A.write_report(data_audit, tmp_path / "report")
+    if change == "edit":
+        with open(root / "train/a/p0.png", "ab") as f:
+            f.write(b"\0")
+    elif change == "add":
+        shutil.copyfile(root / "train/a/p0.png", root / "train/a/new.png")
+    else:
+        (tmp_path / "report" / "fingerprints.npz").unlink()
+    with pytest.raises(S.SplitError, match=message):
+        S.audit_from_report(tmp_path / "report", root, workers=1)
 
 
 def test_keep_duplicates_keeps_exact_copies_in_their_group(data_audit):
     plan = S.plan_split(data_audit, S.SplitConfig(keep_duplicates=True))
     split_of = {p.source: p.split for p in plan.placed}
     assert split_of["test/a/p4_again.png"] == split_of["train/a/p4.png"]
-    assert len(plan.excluded) == 3
+    assert len(plan.excluded) == 3  # the broken file and the exact conflict's two files
 
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another(data_audit):
@@ -119,6 +194,9 @@ def test_write_split_hard_links_and_writes_the_manifest(data, data_audit, tmp_pa
         assert r["path"].split("/")[:2] == [r["split"], r["class"]]
     assert summary["hard_linked"] == len(rows) and summary["copied"] == 0
     assert len(list(csv.DictReader((clean / "excluded.csv").open()))) == 4
+    doc = json.loads((clean / "split.json").read_text())
+    assert [c["paths"] for c in doc["conflicts"]] == [["train/b/p5.png", "val/a/p5_as_a.png"]]
+    assert doc["warnings"] == [] and doc["joined_by_leak_check"] == []
     assert (clean / "split.json").exists()
 
 
@@ -148,9 +226,13 @@ def test_the_split_passes_its_own_audit(data, data_audit, tmp_path):
     before = {(lk["earlier"], lk["later"]): lk["leaked"] for lk in data_audit.leaks}
     assert before["train", "val"] > 0 and before["train", "test"] > 0
     S.write_split(S.plan_split(data_audit, S.SplitConfig()), data, tmp_path / "clean")
+    plan = S.plan_split(data_audit, S.SplitConfig())
     after = A.run_audit(tmp_path / "clean", workers=1)
     assert after.leaked_groups == [] and all(lk["leaked"] == 0 for lk in after.leaks)
-    assert after.conflicts == [] and after.unreadable == []
+    assert after.unreadable == []
+    # the same groups: the kept conflict is the tree's one conflict, every group is whole
+    assert after.stats["groups"] == len({p.group for p in plan.placed})
+    assert [g["files"] for g in after.conflicts] == [2] and len(plan.conflicts) == 1
 
 
 @pytest.mark.realdata

@@ -46,3 +46,18 @@ def test_resume_may_change_only_what_does_not_change_an_epoch():
     with pytest.raises(ValueError, match="cannot change --lr 0.01 -> 0.1, --seed 0 -> 1"):
         resumed_config(saved, {"lr": 0.1, "seed": 1, "epochs": 3})
     assert set(RESUMABLE) >= {"epochs", "max_minutes", "device", "workers", "threads"}
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"data": "/site/x-rays/set", "out": "/home/alice/runs/r18", "pretrained": "none"},
+     {"data": ".", "out": "r18", "pretrained": "none"}),
+    ({"data": "/site/set", "out": "/site/set/runs/r1", "pretrained": "/opt/w/resnet18.pth"},
+     {"data": ".", "out": "runs/r1", "pretrained": "resnet18.pth"}),
+    ({"data": "/site/set", "out": "/site/set2/run", "pretrained": "imagenet", "lr": 0.1},
+     {"data": ".", "out": "run", "pretrained": "imagenet", "lr": 0.1}),
+    ({"lr": 0.1}, {"lr": 0.1}),  # a checkpoint not made by `fxscore train`
+])
+def test_portable_config_names_no_place_of_the_machine(config, expected):
+    from fxscore.train.config import portable_config
+
+    assert portable_config(config) == expected
