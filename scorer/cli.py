@@ -281,8 +281,7 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
     threshold, model_id (sha256 prefix of the model file), sha256 (of the file's bytes as
     scored; empty if it could not be read), error (why the file could not be read; empty
     when scored); with a model that carries OOD statistics also ood_score (distance to the
-    model's validation images) and ood (1: unlike them, do not rely on the score).
-    Images under 32 pixels on a side are error rows: no radiograph is that small.
+    images the model was made for) and ood (1: unlike them, do not rely on the score).
 
     Resume: rerunning with the same --out appends the files not yet in it, also after a
     crash, kill or Ctrl-C. A file whose content changed since its row was written is
@@ -527,7 +526,7 @@ def _run_report(s) -> list[str]:
                      "--for-processing choose what is scored)")
     if s.ood_flagged:
         lines.append(f"{s.ood_flagged} scored image(s) flagged out of distribution (ood = 1: "
-                     "unlike the model's validation images; do not rely on their scores)")
+                     "unlike the images the model was made for; do not rely on their scores)")
     if s.heatmaps:
         lines.append(f"{_plural(s.heatmaps_written, 'heatmap')} written to {s.heatmaps}"
                      + (f"; {s.heatmaps_skipped} not (the file changed or could not be read "
@@ -1533,7 +1532,7 @@ def explain(image: str, model_path: str | None, out: str, max_side: int, as_json
     32 x 32 input pixels (7 x 7 cells at 224 px, 4 x 4 at 128 px), so it points at a region,
     not a fracture line. Only evidence *for* the positive class is shown, scaled to its
     maximum. With OOD statistics in the model it also says whether the image is unlike the
-    model's validation images (ood). The PNG is a derived patient image: store it like the
+    images the model was made for (ood). The PNG is a derived patient image: store it like the
     input.
 
     The model needs heatmap outputs: models from this fxscore's `fxscore export` have them;
@@ -1575,7 +1574,7 @@ def explain(image: str, model_path: str | None, out: str, max_side: int, as_json
         return
     flag = ""
     if ex.ood is not None:
-        flag = (f"; OOD: unlike the model's validation images (score {ex.ood_score:.1f} > "
+        flag = (f"; OOD: unlike the images the model was made for (score {ex.ood_score:.1f} > "
                 f"{meta.ood['threshold']:.1f}), do not rely on this score" if ex.ood else
                 f"; in distribution (OOD score {ex.ood_score:.1f} <= {meta.ood['threshold']:.1f})")
     h, w = ex.cells.shape

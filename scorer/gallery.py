@@ -95,7 +95,7 @@ def _figure(model: "Model", root: Path, row: dict[str, Any], heatmaps: bool) -> 
     e = html.escape
     images = "".join(f'<img src="{uri}" alt="{e(alt)}">' for uri, alt in
                      ((thumb, "radiograph"), (heat, "heatmap")) if uri)
-    ood = (' <span class="ood">OOD: unlike the validation images</span>'
+    ood = (' <span class="ood">OOD: unlike the images the model was made for</span>'
            if row.get("ood") else "")
     caption = (f'<span class="mono">{e(str(row["path"]))}</span><br>p = '
                f'{row["probability"]:.3f}, true: {e(row["true_label"])}{ood}'

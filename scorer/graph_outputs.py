@@ -7,7 +7,7 @@ An fxscore graph always returns the probability of the positive class as its fir
   in front of the linear head, float32 [N, K, h, w] (ResNet18: K = 512, h = w = input size / 32);
 - `pooled`: the pooled features the head reads, float32 [N, K];
 - `ood_score` (when OOD statistics were fit): the Mahalanobis distance of `pooled` to the
-  validation images' features, float32 [N] (`fxscore.ood`).
+  training images' features, float32 [N] (`fxscore.ood`).
 
 Three optional keys of contract version 2 describe them; a model without them scores as before:
 

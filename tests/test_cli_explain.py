@@ -80,7 +80,7 @@ def test_augment_with_ood_statistics_flags_what_is_unlike_them(tmp_path, cnn):
         docs[f] = json.loads(r.stdout)
     assert docs[flat]["ood"] is True and docs[flat]["ood_score"] > docs[same]["ood_score"]
     r = invoke("explain", flat, "-m", tmp_path / "ood.onnx", "-o", tmp_path / "h.png")
-    assert "OOD: unlike the model's validation images" in r.stdout
+    assert "OOD: unlike the images the model was made for" in r.stdout
 
 
 def test_augment_with_a_threshold_set_apart(tmp_path, cnn):
