@@ -63,7 +63,7 @@ def test_audit_reports_the_leak_and_writes_the_files(leaky_tree, tmp_path):
     assert result.exit_code == 0, result.output
     assert "train -> test 1 of 5 (20%): 0 exact, 1 near only" in words(result.output)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
-        "audit.json", "files.csv", "groups.csv"]
+        "audit.json", "files.csv", "fingerprints.npz", "groups.csv"]
     doc = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert doc["groups"][0]["paths"] == ["test/a/copy.png", "train/a/0.png"]
 
