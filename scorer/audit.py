@@ -84,6 +84,7 @@ class Audit:
     thumbs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # sha256 -> thumbnail
     # (sha256, sha256) -> (score, residual) of every pair verified: `fxscore.grouping`
     verdicts: dict = field(default_factory=dict, repr=False)
+    described: dict = field(default_factory=dict, repr=False)  # sha256 -> descriptors
 
     @property
     def unreadable(self) -> list[FileRecord]:
@@ -99,7 +100,7 @@ class Audit:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("files", "thumbs", "verdicts")}
+             if f.name not in ("files", "thumbs", "verdicts", "described")}
         d["unreadable"] = [{"path": f.path, "error": f.error} for f in self.unreadable]
         return d
 
@@ -234,7 +235,9 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
         aspects = [cache[s][1].get("height", 1) / max(1, cache[s][1].get("width", 1))
                    for s in readable]
         verdicts = {} if verdicts is None else verdicts
+        described: dict = {}
         near = grouping.near_duplicate_groups(thumbs, aspects, keys=readable, verdicts=verdicts,
+                                              described=described,
                                               executor=pool if workers > 1 else None,
                                               progress=progress)
     t_group = time.perf_counter()
@@ -255,7 +258,7 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
         classes=sorted({f.label for f in files if f.label}),
         files=files, groups=_groups(files), leaks=_leaks(files), conflicts=[],
         shortcuts=shortcut_check(files), thumbs={s: cache[s][0] for s in readable},
-        verdicts=verdicts)
+        verdicts=verdicts, described=described)
     audit.conflicts = [g for g in audit.groups if g["conflict"]]
     dup_files = sum(g["files"] for g in audit.groups)
     audit.stats = {
@@ -507,5 +510,5 @@ def write_report(audit: Audit, out: str | os.PathLike) -> list[Path]:
                        colour=int(f.colour))
             csvsafe.write_row(fh, [row.get(k) for k in FILE_COLUMNS])
     written.append(grouping.save_fingerprints(out / grouping.FINGERPRINTS, audit.thumbs,
-                                              audit.verdicts))
+                                              audit.verdicts, audit.described))
     return written

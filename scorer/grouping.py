@@ -6,11 +6,14 @@ Pairs come from `fingerprint.candidate_pairs` (each image's closest others by de
 are verified by `fingerprint.match`, most similar first. Two rules keep look-alikes apart:
 
 - a verified pair is a copy only when confirmed pixel by pixel (`fingerprint.Match.same`);
-- no chaining through single links: an image joins a group of two or more only when it is
-  also a copy of another member (the most similar one by descriptor, or the next), and two
-  groups merge only when a second pair across them agrees. A chain of look-alikes (A like B,
-  B like C, C like D, A unlike D) therefore stays apart, while copies of one radiograph, which
-  are all copies of each other, join.
+- no chaining through single weak links: a pair confirmed with a residual above
+  STRONG_RESIDUAL joins an image to a group of two or more only when the image is also a copy
+  of another member (the most similar one by descriptor, or the next), and two groups only
+  when a second pair across them agrees. A chain of look-alikes (A like B, B like C, A unlike
+  C) therefore stays apart. A strong pair joins at once: no look-alike has come near such a
+  residual (phantoms of one shape >= 0.06, other films of one wrist >= 0.07), and copies of
+  one film edited in opposite directions (turned +20 and -20 degrees) are often not
+  verifiable against each other, only against the original.
 
 The result depends only on the set of contents, not on their order or their names: contents
 are processed in order of their keys (sha256), so the audit of a split tree, which holds the
@@ -27,6 +30,7 @@ import numpy as np
 from . import fingerprint as fp
 
 MAX_TRIES = 3  # verified pairs between two groups before they are taken to be distinct
+STRONG_RESIDUAL = 0.025  # a confirmed pair this close joins without a witness
 WITNESSES = 2  # other members a newcomer is compared with before it is refused
 MAX_DEFERRALS = 3  # rounds a link may wait for its witnesses' verdicts
 
@@ -47,13 +51,14 @@ class NearGroups:
 
 def near_duplicate_groups(thumbs: np.ndarray, aspects: Sequence[float] | None = None, *,
                           keys: Sequence[str] | None = None, verdicts: Verdicts | None = None,
-                          executor=None, progress: Progress | None = None,
-                          chunk: int = 256) -> NearGroups:
+                          described: dict | None = None, executor=None,
+                          progress: Progress | None = None, chunk: int = 256) -> NearGroups:
     """Group (N, THUMB, THUMB) thumbnails into groups of near copies.
 
     keys: one id per thumbnail (the content's sha256); they fix the processing order and
     name the pairs in `verdicts`, which is read and extended in place. Without keys the
-    order given is used. Candidates are verified most similar first; a pair already joined
+    order given is used. `described` (key -> (descriptors, turned queries)) is read and
+    extended the same way. Candidates are verified most similar first; a pair already joined
     is skipped, which keeps verification near-linear in a heavily duplicated set. Each round
     verifies up to `chunk` pairs, in parallel when an `executor` is given.
     """
@@ -67,8 +72,12 @@ def near_duplicate_groups(thumbs: np.ndarray, aspects: Sequence[float] | None = 
     perm = np.argsort(np.array(keys), kind="stable")
     thumbs_c = thumbs[perm]
     keys_c = [keys[p] for p in perm]
-    desc = np.stack([fp.descriptors(t) for t in thumbs_c])
-    queries = np.stack([fp.turned_queries(t) for t in thumbs_c])
+    described = {} if described is None else described
+    for k, t in zip(keys_c, thumbs_c):
+        if k not in described:
+            described[k] = (fp.descriptors(t), fp.turned_queries(t))
+    desc = np.stack([described[k][0] for k in keys_c])
+    queries = np.stack([described[k][1] for k in keys_c])
     run = _Grouping(thumbs_c, aspects[perm], desc, keys_c, verdicts, executor)
     run.go(fp.candidate_pairs(desc, queries=queries), chunk, progress)
     # back to the caller's order; group id = smallest member index there
@@ -147,8 +156,10 @@ class _Grouping:
 
     def decide(self, i: int, j: int) -> tuple[str, list[tuple[int, int]]]:
         """A verified copy (i, j) whose groups differ: "join", "refuse", or "wait" for the
-        witness pairs returned. Each side with other members must have one witness that is
-        a copy of the other side's image."""
+        witness pairs returned. A strong pair joins; otherwise each side with other members
+        must have one witness that is a copy of the other side's image."""
+        if self.verdict(i, j)[1] <= STRONG_RESIDUAL:
+            return "join", []
         need: list[tuple[int, int]] = []
         for newcomer, member in ((j, i), (i, j)):
             pairs = [(w, newcomer) for w in self.witnesses(newcomer, member)]
@@ -211,15 +222,22 @@ class _Grouping:
 FINGERPRINTS = "fingerprints.npz"
 
 
-def save_fingerprints(path, thumbs: dict[str, np.ndarray], verdicts: Verdicts):
-    """What grouping needs to run again without reading an image: thumbnails by sha256 and
-    every pair verdict (compressed numpy arrays, no pickles) -> path."""
+def save_fingerprints(path, thumbs: dict[str, np.ndarray], verdicts: Verdicts,
+                      described: dict | None = None):
+    """What grouping needs to run again without reading an image: thumbnails by sha256,
+    every pair verdict and the descriptors (compressed numpy arrays, no pickles) -> path."""
     keys = sorted(thumbs)
     pairs = sorted(verdicts)
+    described = {} if described is None else described
+    for k in keys:  # the same numbers the grouping used: recomputed, they are bit-identical
+        if k not in described:
+            described[k] = (fp.descriptors(thumbs[k]), fp.turned_queries(thumbs[k]))
     np.savez_compressed(
         path, sha256=np.array(keys, dtype="U64"),
         thumbs=(np.stack([thumbs[k] for k in keys]) if keys
                 else np.zeros((0, fp.THUMB, fp.THUMB), np.uint8)),
+        descriptors=np.array([described[k][0] for k in keys], np.float32),
+        queries=np.array([described[k][1] for k in keys], np.float32),
         pair_sha256=np.array(pairs, dtype="U64").reshape(-1, 2),
         pair_verdict=np.array([verdicts[p] for p in pairs], np.float32).reshape(-1, 2),
         version=np.array([FORMAT_VERSION]))
@@ -229,15 +247,17 @@ def save_fingerprints(path, thumbs: dict[str, np.ndarray], verdicts: Verdicts):
 FORMAT_VERSION = 1
 
 
-def load_fingerprints(path) -> tuple[dict[str, np.ndarray], Verdicts]:
-    """`save_fingerprints`' file -> (thumbnails by sha256, verdicts). ValueError names the
-    file when it is not one."""
+def load_fingerprints(path) -> tuple[dict[str, np.ndarray], Verdicts, dict]:
+    """`save_fingerprints`' file -> (thumbnails by sha256, verdicts, descriptors by sha256).
+    ValueError names the file when it is not one."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"][0]) != FORMAT_VERSION:
                 raise ValueError(f"{path}: fingerprints format {int(z['version'][0])}, this "
                                  f"fxscore reads {FORMAT_VERSION}; run the audit again")
-            thumbs = dict(zip(z["sha256"].tolist(), z["thumbs"]))
+            keys = z["sha256"].tolist()
+            thumbs = dict(zip(keys, z["thumbs"]))
+            described = dict(zip(keys, zip(z["descriptors"], z["queries"])))
             verdicts = {tuple(p): (float(v[0]), float(v[1]))
                         for p, v in zip(z["pair_sha256"].tolist(), z["pair_verdict"])}
     except (OSError, KeyError, ValueError, EOFError) as e:
@@ -245,4 +265,4 @@ def load_fingerprints(path) -> tuple[dict[str, np.ndarray], Verdicts]:
             raise
         raise ValueError(f"{path}: not an fxscore fingerprints file ({e}); run "
                          "`fxscore audit DATA --out DIR` to write one") from None
-    return thumbs, verdicts
+    return thumbs, verdicts, described

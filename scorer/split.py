@@ -218,7 +218,7 @@ def audit_from_report(report: str | os.PathLike, data: str | os.PathLike, *,
         doc = json.loads((report / "audit.json").read_text(encoding="utf-8"))
         with open(report / "files.csv", newline="", encoding="utf-8") as fh:
             rows = list(csvsafe.read_dicts(fh))
-        thumbs, verdicts = grouping.load_fingerprints(report / grouping.FINGERPRINTS)
+        thumbs, verdicts, described = grouping.load_fingerprints(report / grouping.FINGERPRINTS)
         files = [FileRecord(path=r["path"], split=r["split"], label=r["label"],
                             sha256=r["sha256"], bytes=int(r["bytes"] or 0), error=r["error"],
                             format=r["format"], width=int(r["width"] or 0),
@@ -257,7 +257,8 @@ def audit_from_report(report: str | os.PathLike, data: str | os.PathLike, *,
                  classes=doc.get("classes", []), files=files, groups=doc.get("groups", []),
                  leaks=doc.get("leaks", []), conflicts=doc.get("conflicts", []),
                  shortcuts=doc.get("shortcuts", []), stats=doc.get("stats", {}),
-                 thumbs={s: thumbs[s] for s in shas}, verdicts=verdicts)
+                 thumbs={s: thumbs[s] for s in shas}, verdicts=verdicts,
+                 described={s: described[s] for s in shas})
 
 
 def _sha_or_none(path: str) -> str | None:
@@ -346,6 +347,7 @@ class _LeakCheck:
         self.aspect = {f.sha256: f.height / max(1, f.width) for f in audit.files
                        if f.sha256 in audit.thumbs}
         self.verdicts = audit.verdicts
+        self.described = audit.described
         self.workers = workers or default_workers()
         self.progress = progress
         self.pool = None
@@ -370,7 +372,7 @@ class _LeakCheck:
             self.pool = ProcessPoolExecutor(self.workers)
         near = grouping.near_duplicate_groups(
             np.stack([self.thumbs[k] for k in keys]), [self.aspect[k] for k in keys],
-            keys=keys, verdicts=self.verdicts, executor=self.pool,
+            keys=keys, verdicts=self.verdicts, described=self.described, executor=self.pool,
             progress=(lambda stage, done, total: self.progress("leak check", done, total))
             if self.progress else None)
         tree_groups: dict[int, set[str]] = defaultdict(set)

@@ -214,11 +214,13 @@ def test_real_data_exact_leaks_match_an_independent_count(real_audit):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 15 part 1 (audit precision rework) is unfinished: this check fails with the current grouping; see the closing note: train->val near-only copies are found as 0", strict=False)
 def test_real_data_is_heavily_duplicated_across_splits(real_audit):
     leaks = {(lk["earlier"], lk["later"]): lk for lk in real_audit.leaks}
     for pair, lk in leaks.items():
-        assert lk["exact"] > 0 and lk["near"] > 0, pair  # the README: both kinds, everywhere
+        assert lk["exact"] > 0, pair
+    # near copies (no exact copy in the earlier split) leak too: 6 train -> test and 129 val ->
+    # test; train -> val has none once other films of a view are no longer taken for copies
+    assert leaks["train", "test"]["near"] > 0 and leaks["val", "test"]["near"] > 50
     assert leaks["train", "test"]["share"] > 0.5
     # near copies collapse the 2,503 contents into far fewer distinct radiographs, but two
     # thousand contents never become a handful of giant groups
@@ -248,24 +250,46 @@ def test_real_data_shortcuts_are_flagged(real_audit):
     assert any(w.startswith("colour=colour:") and "'fractured'" in w for w in warnings)
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_pairs_judged_by_eye_are_grouped_as_judged(real_audit):
+    # tests/data/audit_pairs.csv: pairs at the audit's margin, looked at side by side. A
+    # "same" pair may be two edits no search reaches (turned 20 degrees each way): its group
+    # still joins them through the original; a "distinct" pair must never share a group
+    from test_fingerprint import judged_pairs
+
+    group = {f.sha256: f.group for f in real_audit.files}
+    rows = judged_pairs()
+    together = [group[r["sha256_a"]] == group[r["sha256_b"]] for r in rows]
+    merged = [r["note"] for r, t in zip(rows, together) if t and r["verdict"] == "distinct"]
+    assert merged == []
+    same = [t for r, t in zip(rows, together) if r["verdict"] == "same"]
+    assert sum(same) / len(same) >= 0.95, f"{len(same) - sum(same)} of {len(same)} apart"
+
+
 # Real radiographs that are NOT copies of each other, although their descriptors are close
 # (chosen among each other's nearest neighbours, each looked at). Planted copies of some of
 # them must all join their original, and nothing else may be joined.
 DISTINCT = [  # blobs/<sha256>, in pairs of look-alikes (descriptor similarity 0.97-0.98)
+    # each compared by eye with the others turned by up to 20 degrees, as the data set's
+    # augmented copies are
     "37db9d2cd8b951e264ace48bf88a0caa441deeb606e2b349a87f29e12c03784c",  # knee AP
     "06efadf6728f23c16d2ff7c2537bda89ef53ee6e86bd380464ee44f87129fa8d",  # knee AP, another film
     "398094390070373e7965a356c8e60a626a0dd7b0430d7a0a8901c7855b15a52d",  # hand PA, R
     "62d0ff96ac18145f8130d5e08e96c592a9d76c065c4269a3dbe1110974b05652",  # same hand, oblique view
     "c01cc54fe21bce092339e66137dc2da7952ca56dcd57c5366b3304f4e74e24d5",  # wrist lateral, "LJ"
     "e16c7a070039a1f1df7fd4ac4e3ba6d3ef0c3564bb2db1a04adcc827e38995ca",  # wrist lateral, LA92
-    "5fcac2e86acdd7fb0e5b57d03e7c7e15dec41fd85fdda417f2926fedb188ff33",  # wrist lateral, LA92
-    "4d268dffaa11994b59f7dfea78a2677271d2cc5d2b1ab3ffa5d37a6299753a48",  # wrist lateral, "LJ"
+    # (this place held 5fcac2e8 and 4d268dff: the LA92 and "LJ" films above turned by ~15
+    # degrees, copies after all; tests/data/audit_pairs.csv lists them as "same")
+    "694573b0b0aeeac7131938456a5a4044d5f1b5f844fdbc85d8223e7bc9ed912c",  # wrist lateral, LA94
+    "d23ed0a2026ba040025edc312094f09e47ccbb236699e36b13e9036e4e7f46e3",  # wrist lateral, D05 L
     "e4bebd421fe9298ca04e8f9538b3b696ccaa97d688cb6d2b554d3b58aa0939b7",  # forearm, L (wires)
     "502066916d7decddce19c555b65dc539eb5def941fd6f7b443864cebcdfd70d6",  # forearm, LA93
     "e7556b2755a03034871ec044565983ca12508fcb3bd19378b0bd9c8afd8425e4",  # wrist, L
     "97f3061855404e532c7ebcb650e49099e7fd7fa1d598bd322f312886ab5b801c",  # wrist, LB07
-    "cf21b2a49836c68d01d2fe3241f77d416757cbbbf7f33e4d0c697d43e6de7c46",  # forearm, L
-    "cd6d28a122d281361681eab6169df5d7a2ccfe9b5ecae172f1108ddc599fa5a5",  # forearm, LA93
+    # (and this place cf21b2a4 and cd6d28a1: the two forearms above turned by ~20 degrees)
+    "04fd8883b629d88470763015dbdaf3cfcda873beb7cfcf8d391a8f35dcc1e9f4",  # forearm PA, L
+    "a827d34d3d21c3066b95cdd63e301d3d7facb99168c0f25641845b63e5f0f14d",  # forearm PA, R
     "02a88a7759e7c19e765845edbf325f83e686ddc90017d00f2022c8c0ad904241",  # knee with nails
     "949c7efa2a7d3da22be2dbf2aaf2c5a54d07c8b9527f60a444f9448efe340ce1",  # wrist, B09 L
 ]

@@ -140,6 +140,61 @@ def test_split_makes_a_tree_that_audits_clean(leaky_tree, tmp_path):
     assert again.exit_code == 0, again.output
 
 
+def test_split_reuses_a_written_audit_without_reading_an_image(leaky_tree, tmp_path,
+                                                                  monkeypatch):
+    assert invoke("audit", str(leaky_tree), "--out", str(tmp_path / "report")).exit_code == 0
+    from fxscore import audit as A
+
+    def no_reading(path):
+        raise AssertionError(f"read {path} again")
+
+    monkeypatch.setattr(A, "analyse_file", no_reading)
+    out = tmp_path / "split"
+    result = invoke("split", str(leaky_tree), "--audit", str(tmp_path / "report"), "--out",
+                    str(out), "--val", "0.25", "--test", "0.25", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert "13 files in 12 groups" in result.output
+
+
+def test_split_with_a_stale_audit_is_refused(leaky_tree, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(leaky_tree, data)
+    assert invoke("audit", str(data), "--out", str(tmp_path / "report")).exit_code == 0
+    (data / "train" / "a" / "0.png").unlink()
+    result = invoke("split", str(data), "--audit", str(tmp_path / "report"), "--out",
+                    str(tmp_path / "split"))
+    assert result.exit_code == 1
+    assert "1 files are gone since the audit" in result.output and "fxscore audit" in result.output
+
+
+@pytest.fixture(scope="module")
+def conflict_tree(tmp_path_factory) -> Path:
+    """class a: six pictures; class b: flipped copies of two of them (near-copy conflicts)."""
+    root = tmp_path_factory.mktemp("conflict")
+    for s in range(6):
+        save(to_pil(texture(s, size=96)), root / "a" / f"{s}.png")
+    for s in range(2):
+        save(COPIES["flip"](to_pil(texture(s, size=96))), root / "b" / f"flipped{s}.png")
+    return root
+
+
+def test_split_keeps_a_conflicting_group_whole_and_lists_it(conflict_tree, tmp_path):
+    result = invoke("split", str(conflict_tree), "--out", str(tmp_path / "split"))
+    assert result.exit_code == 0, result.output
+    assert "label conflicts kept: 2 groups of near copies" in result.output
+    assert "a/0.png, b/flipped0.png" in result.output
+    doc = json.loads((tmp_path / "split" / "split.json").read_text())
+    assert len(doc["conflicts"]) == 2 and doc["files"] == 8
+
+
+def test_drop_conflicts_leaves_them_out_and_warns_of_an_emptied_class(conflict_tree, tmp_path):
+    result = invoke("split", str(conflict_tree), "--out", str(tmp_path / "split"),
+                    "--drop-conflicts")
+    assert result.exit_code == 0, result.output
+    assert "left out 4 files (4 label conflict)" in result.output
+    assert "warning: train holds 0 'b' files, under half its share (70% of 2)" in result.output
+
+
 def test_split_refuses_a_folder_in_use(clean_tree, tmp_path):
     (tmp_path / "old.txt").write_text("x")
     result = invoke("split", str(clean_tree), "--out", str(tmp_path))

@@ -12,6 +12,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import require_real_data
@@ -126,7 +127,11 @@ def test_split_and_audit_share_one_grouping(data_audit):
 def test_a_written_audit_is_reused_and_checked_against_the_data(data, data_audit, tmp_path):
     A.write_report(data_audit, tmp_path / "report")
     again = S.audit_from_report(tmp_path / "report", data, workers=1)
-    assert again.verdicts == data_audit.verdicts and again.thumbs.keys() == data_audit.thumbs.keys()
+    assert again.verdicts == data_audit.verdicts
+    assert again.thumbs.keys() == data_audit.thumbs.keys() == again.described.keys()
+    for sha, (desc, queries) in again.described.items():  # the very numbers grouped with
+        assert np.array_equal(desc, data_audit.described[sha][0])
+        assert np.array_equal(queries, data_audit.described[sha][1])
     plans = [S.plan_split(a, S.SplitConfig(seed=2)) for a in (data_audit, again)]
     assert [(p.source, p.split, p.group) for p in plans[0].placed] == [
         (p.source, p.split, p.group) for p in plans[1].placed]
