@@ -210,7 +210,7 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
     cache = {} if cache is None else cache
     report = progress or (lambda stage, done, total: None)
     paths = [str(root / f.path) for f in files]
-    with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+    with ProcessPoolExecutor(workers) if workers > 1 else InlinePool() as pool:
         hashed = []
         for k, h in enumerate(pool.map(_hash, paths, chunksize=32)):
             hashed.append(h)
@@ -275,7 +275,7 @@ def run_audit(root: str | os.PathLike, *, labels: bool = True, workers: int | No
     return audit
 
 
-class _Inline:
+class InlinePool:
     """A pool of no processes, for workers=1 (and for debugging)."""
 
     def __enter__(self):

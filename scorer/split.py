@@ -47,7 +47,7 @@ import numpy as np
 
 from . import csvsafe
 from . import grouping
-from .audit import Audit, FileRecord, Progress, default_workers, split_rank
+from .audit import Audit, FileRecord, Progress, InlinePool, default_workers, split_rank
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "split", "class", "group", "sha256", "source")
@@ -243,7 +243,7 @@ def audit_from_report(report: str | os.PathLike, data: str | os.PathLike, *,
                              f"(e.g. {paths[0]}); {again}")
     workers = workers or default_workers()
     paths = [str(data / f.path) for f in files]
-    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else _Serial() as pool:
+    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 256 else InlinePool() as pool:
         hashes = list(pool.map(_sha_or_none, paths, chunksize=64))
     changed = [f.path for f, h in zip(files, hashes) if f.sha256 and h != f.sha256]
     if changed:
@@ -268,17 +268,6 @@ def _sha_or_none(path: str) -> str | None:
         return sha256_file(path)
     except OSError:
         return None
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def _labels(counts: dict[str, int]) -> str:

@@ -1,10 +1,12 @@
 """Shared fixtures: the real X-rays in ../shared/data, laid out once per session, and tiny models."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -37,3 +39,18 @@ def real_data_root(tmp_path_factory) -> Path:
 def tiny_model(tmp_path) -> Path:
     from onnx_models import make_model
     return make_model(tmp_path / "tiny.onnx")
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "64k") mounted at `folder`: a real ENOSPC for disk-full tests.
+    Needs root (or CAP_SYS_ADMIN); skips with the reason where mounting is refused."""
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from fxscore.cli import EXIT_SOME_FAILED, cli
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, small_tmpfs
 from onnx_models import make_meta, make_model
 
 
@@ -687,17 +687,9 @@ def test_every_command_gets_the_interrupt_handling(model, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 32 KiB tmpfs (root only; skipped where mounting is refused)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    """A 32 KiB tmpfs."""
+    with small_tmpfs(tmp_path / "disk", "32k") as mnt:
+        yield mnt
 
 
 def test_a_full_disk_ends_with_one_line_and_stays_resumable(model, tmp_path, small_disk):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import small_tmpfs
 from fxscore import csvsafe
 from fxscore.output import (FIXED_COLUMNS, LEGACY_COLUMNS, MAX_RECORD, Done, OutputError,
                             RunIdentity, format_for, open_output, sidecar_path)
@@ -474,17 +475,9 @@ def test_a_huge_file_without_newlines_is_refused_without_reading_it_all(tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 64 KiB tmpfs: a real ENOSPC. Needs root (or CAP_SYS_ADMIN)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
-    try:
+    """A 64 KiB tmpfs: a real ENOSPC."""
+    with small_tmpfs(tmp_path / "mnt", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])

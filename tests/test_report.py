@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import classification_report
 
+from conftest import small_tmpfs
 from eval_data import FRACTURED, NOT_FRACTURED, make_folders, write_truncated
 from fxscore.evaluate import evaluate
 from fxscore.model import load_model
@@ -125,19 +126,9 @@ def test_undefined_metrics_are_null_in_json_and_na_in_pages(data):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs, for a real ENOSPC. Needs root (or CAP_SYS_ADMIN); skipped otherwise."""
-    import subprocess
-
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
-    try:
+    """A 1 MiB tmpfs, for a real ENOSPC."""
+    with small_tmpfs(tmp_path / "mnt", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_full_disk_leaves_the_old_report_whole_and_no_empty_files(written, small_disk):
