@@ -571,6 +571,10 @@ def _run_report(s) -> list[str]:
 @click.option("--groups", "groups_csv", type=click.Path(dir_okay=False), default=None,
               help="CSV of path,group (paths as in predictions.csv, e.g. fractured/a.png; "
                    "group e.g. a patient id): the bootstrap resamples whole groups")
+@click.option("--study-level", is_flag=True,
+              help="metrics per study (StudyInstanceUID, else the image's folder): a study is "
+                   "positive when any image is labelled so, its score is its highest image "
+                   "probability; the bootstrap resamples studies (--groups: groups of them)")
 @click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True,
               type=click.IntRange(0), help="bootstrap resamples for the 95% intervals; 0: none")
 @click.option("--seed", default=0, show_default=True, help="bootstrap random seed")
@@ -587,8 +591,9 @@ def _run_report(s) -> list[str]:
 def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
           threshold: float | None, target_sensitivity: float | None,
           target_specificity: float | None, labels_csv: str | None, groups_csv: str | None,
-          n_bootstrap: int, seed: int, batch_size: int, threads: int | None, provider: str,
-          exclude_training_copies: bool, quiet: bool) -> None:
+          study_level: bool, n_bootstrap: int, seed: int, batch_size: int,
+          threads: int | None, provider: str, exclude_training_copies: bool,
+          quiet: bool) -> None:
     """Evaluate a model on labelled X-rays: metrics with confidence intervals, and a report.
 
     DIR holds one folder per class, named as the model's classes (e.g. "fractured" and
@@ -608,6 +613,11 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
     --report writes predictions.csv (the columns of `fxscore run` plus true_label),
     metrics.json and a self-contained report.html (figures inline, no external files).
 
+    Study level: fracture reading is per study (MURA's headline metric is). --study-level
+    groups the images as `fxscore studies` does (DICOM StudyInstanceUID, else the folder
+    holding the image) and computes every metric per study; --report then also writes
+    studies.csv, and predictions.csv keeps the images.
+
     Training copies: a model exported by fxscore knows the sha256 and near-copy descriptors of
     its training and validation images. eval counts the evaluated images that are exact copies
     (same bytes) or near copies (resized, re-encoded, flipped, lightly cropped: descriptor
@@ -621,6 +631,7 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
       fxscore eval ./val -m model.onnx --target-specificity 0.9   # pick a threshold on val
       fxscore eval ./test -m model.onnx --threshold 0.37          # ... and check it on test
       fxscore eval ./flat -m model.onnx --labels labels.csv --groups patients.csv
+      fxscore eval ./pacs-export -m model.onnx --study-level --groups patients.csv
 
     \b
     Exit codes: 0 done; 3 done, but some files could not be read (they are listed and the
@@ -653,7 +664,8 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
                       threshold=threshold, target_sensitivity=target_sensitivity,
                       target_specificity=target_specificity, n_bootstrap=n_bootstrap,
                       seed=seed, batch_size=batch_size, workers=threads, progress=progress,
-                      on_start=start, exclude_training_copies=exclude_training_copies)
+                      on_start=start, exclude_training_copies=exclude_training_copies,
+                      study_level=study_level)
     except (EvalDataError, ModelError, OSError) as e:
         raise click.ClickException(str(e)) from None
     finally:
@@ -667,12 +679,14 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
         try:
             from .gallery import gallery_html
 
-            ev.gallery_html = gallery_html(model, ev)  # fxscore.gallery: mistakes + heatmaps
+            # fxscore.gallery: mistaken images + heatmaps (images, also at study level)
+            ev.gallery_html = gallery_html(model, ev.image_level())
             paths = write_report(ev, report_dir)
         except OSError as e:
             raise click.ClickException(f"cannot write the report to {report_dir}: {e}") from None
         if not quiet:
-            click.echo(f"report: {paths['report']} (+ predictions.csv, metrics.json)", err=True)
+            click.echo(f"report: {paths['report']} (+ predictions.csv, metrics.json"
+                       f"{', studies.csv' if 'studies' in paths else ''})", err=True)
     data = ev.metrics["data"]
     if data.get("unlabelled"):
         examples = ", ".join(f"'{p}'" for p in data["unlabelled_examples"][:3])
@@ -685,10 +699,12 @@ def eval_(data_dir: str, model_path: str | None, report_dir: str | None,
         click.echo(f"warning: only '{data['one_class']}' images could be evaluated in "
                    f"{data_dir}: {lacking}, ROC-AUC and average precision need both classes "
                    "and are n/a", err=True)
-    failed = data["unreadable"]
+    failed = data.get("unreadable_images", data["unreadable"])
     if failed:
+        used = (f"the {data['readable']} studies with a readable image" if study_level
+                else f"the {data['readable']} readable ones")
         click.echo(f"warning: {_plural(failed, 'file')} could not be read; the metrics use "
-                   f"the {data['readable']} readable ones", err=True)
+                   f"{used}", err=True)
         click.get_current_context().exit(EXIT_SOME_FAILED)
 
 
@@ -1462,8 +1478,17 @@ def _echo_export_report(report: dict) -> None:
                 type=click.Path(dir_okay=False))
 @click.option("--out", "-o", default="-", show_default=True,
               help="studies CSV (written atomically); '-' writes to stdout")
+@click.option("--sr-out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="also write one DICOM SR per study (StudyInstanceUID) into DIR, from the "
+                   "scored images' headers; needs --input and the model that scored the rows")
+@click.option("--input", "input_dir", type=click.Path(file_okay=False, exists=True),
+              default=None, metavar="INPUT",
+              help="with --sr-out: the folder the run scored (the rows' paths are relative "
+                   "to it)")
+@model_option
 @click.option("--quiet", "-q", is_flag=True, help="no summary on stderr")
-def studies(rows: tuple[str, ...], out: str, quiet: bool) -> None:
+def studies(rows: tuple[str, ...], out: str, sr_out: str | None, input_dir: str | None,
+            model_path: str | None, quiet: bool) -> None:
     """One row per study from the rows `fxscore run` wrote (CSV or JSON lines).
 
     ROWS are one or more output files of one run: its --shard files, resumed runs. Rows are
@@ -1480,15 +1505,27 @@ def studies(rows: tuple[str, ...], out: str, quiet: bool) -> None:
       fxscore run /pacs/export --dicom-columns --out rows.csv
       fxscore studies rows.csv --out studies.csv
       fxscore studies preds-*.csv --out studies.csv      # the shards of a job array
+      fxscore studies rows.csv --out studies.csv --sr-out sr/ --input /pacs/export -m model.onnx
+
+    Study SRs (--sr-out): one TID 1500 report per study, with a measurement group per scored
+    image and one for the study (its maximum probability and the finding at the rows'
+    threshold), filed in the source study. Only studies keyed by StudyInstanceUID get one (run
+    with --dicom-columns). The images are read again under --input and must still hash to
+    their rows' sha256. UIDs derive from the StudyInstanceUID and the model id, so a rerun
+    rewrites the same SR; `fxscore run --sr-out` writes one per image instead.
 
     Exit codes: 0 done; 3 done, but some studies have images that could not be read (their
-    maximum may miss the fractured one); 1 the files cannot be read or combined (several models
-    or thresholds, one path with two results); 2 usage error.
+    maximum may miss the fractured one), or an SR could not be written; 1 the files cannot be
+    read or combined (several models or thresholds, one path with two results); 2 usage error.
     """
-    from .studies import StudiesError, studies_csv, summarise_files, write_studies
+    from .studies import (StudiesError, read_rows, studies_csv, summarise, write_studies,
+                          write_study_srs)
 
+    if sr_out and not input_dir:
+        raise click.UsageError("--sr-out needs --input, the folder the rows were scored from")
     try:
-        result = summarise_files(rows)
+        all_rows = [row for path in rows for row in read_rows(path)]
+        result = summarise(all_rows)
         if out == "-":
             click.echo(studies_csv(result), nl=False)
         else:
@@ -1510,7 +1547,32 @@ def studies(rows: tuple[str, ...], out: str, quiet: bool) -> None:
         if incomplete:
             click.echo(f"warning: {_plural(len(incomplete), 'study', 'studies')} with images "
                        "that could not be read (see the failed column)", err=True)
-    if incomplete:
+    sr_failed = False
+    if sr_out:
+        from .model import ModelError, load_model
+
+        try:
+            model = load_model(model_path, threads=1)
+        except ModelError as e:
+            raise click.ClickException(str(e)) from None
+        meta = model.meta
+        info = {"model_id": model.model_id, "name": meta.model_name,
+                "version": meta.model_version, "positive_class": meta.positive_class}
+        try:
+            done = write_study_srs(all_rows, input_dir, info, sr_out)
+        except StudiesError as e:
+            raise click.ClickException(str(e)) from None
+        for message in done.failed:
+            click.echo(f"error: {message}", err=True)
+        if not quiet:
+            click.echo(f"{_plural(len(done.written), 'study SR')} written to {sr_out}"
+                       + (f"; {_plural(len(done.failed), 'study', 'studies')} failed"
+                          if done.failed else "")
+                       + (f"; {_plural(done.without_uid, 'study', 'studies')} by folder have "
+                          "no StudyInstanceUID and get none (score with --dicom-columns)"
+                          if done.without_uid else ""), err=True)
+        sr_failed = bool(done.failed)
+    if incomplete or sr_failed:
         click.get_current_context().exit(EXIT_SOME_FAILED)
 
 

@@ -3,7 +3,8 @@
 Labels come from the folder layout (DIR/<class name>/..., any depth below the class folder) or
 from a CSV of path,label for a flat folder. Unreadable files stay in the totals and in the
 result's list of failures; the metrics are computed on the readable images, and the result
-says so. The returned `Evaluation` is plain data: `fxscore.report` turns it into text, JSON,
+says so. With `study_level`, the unit of the metrics is the study (`by_study`): the rows are
+grouped as `fxscore studies` groups them, and the images stay in `Evaluation.images`. The returned `Evaluation` is plain data: `fxscore.report` turns it into text, JSON,
 CSV and HTML.
 """
 from __future__ import annotations
@@ -43,6 +44,17 @@ class Evaluation:
     class_names: tuple[str, ...]
     threshold: float
     metrics: dict[str, Any] = field(default_factory=dict)  # see `summarise`
+    images: list[dict[str, Any]] | None = None  # study level: the image rows behind `rows`
+
+    @property
+    def image_rows(self) -> list[dict[str, Any]]:
+        """The scored images (the rows themselves, unless the rows are studies)."""
+        return self.rows if self.images is None else self.images
+
+    def image_level(self) -> "Evaluation":
+        """This evaluation with the images as its rows (the report's gallery shows images)."""
+        return Evaluation(self.image_rows, self.positive_class, self.class_names,
+                          self.threshold, self.metrics)
 
     @property
     def readable(self) -> list[dict[str, Any]]:
@@ -243,6 +255,63 @@ def read_groups(groups_csv: Path, root: Path, items: list[Item]) -> list[str]:
     return [groups[it.path] for it in items]
 
 
+def study_uid(path: Path) -> str:
+    """A DICOM file's StudyInstanceUID, read from its header; "" for other files and for
+    headers that cannot be read (such a file's study is then its folder)."""
+    from . import dicom
+    from .images import ImageReadError, open_regular, sniff_format
+
+    if sniff_format(path) != "dicom":
+        return ""
+    try:
+        with open_regular(path) as f:
+            return str(dicom.read_header(f, str(path)).ds.get("StudyInstanceUID") or "").strip()
+    except (ImageReadError, OSError):
+        return ""
+
+
+def by_study(rows: list[dict[str, Any]], files: list[Path], positive: str, negative: str,
+             groups: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """Image rows -> one row per study, and each study's group (None without groups).
+
+    Studies are formed as `fxscore studies` forms them (`studies.study_of`: StudyInstanceUID,
+    read here from each DICOM file, else the folder holding the file). A study's score is its
+    highest image probability and its label that image's label (positive when any image is
+    called positive); it is truly positive when any of its images is labelled so, whether or
+    not that image could be read. A study none of whose images could be read is an
+    unreadable row; one with some unreadable images counts as incomplete. With `groups`
+    (one per image), all images of a study must share a group.
+    """
+    from .studies import STUDY_KEY, StudiesError, study_of, summarise
+
+    tagged = [{**r, STUDY_KEY: study_uid(f), "_where": r["path"]} for r, f in zip(rows, files)]
+    truth: dict[tuple[str, str], bool] = {}
+    group: dict[tuple[str, str], str] = {}
+    for i, r in enumerate(tagged):
+        k = study_of(r)
+        truth[k] = truth.get(k, False) or r["true_label"] == positive
+        if groups is not None:
+            if group.setdefault(k, groups[i]) != groups[i]:
+                raise EvalDataError(f"study {k[0]} has images in two groups ('{group[k]}' and "
+                                    f"'{groups[i]}', e.g. {r['path']}); with --study-level, "
+                                    "--groups must give every image of a study the same group")
+    try:
+        studies = summarise(tagged)
+    except StudiesError as e:
+        raise EvalDataError(str(e)) from None
+    out = []
+    for s in studies:
+        k = (s.study, s.key)
+        out.append({
+            "path": s.study, "study_key": s.key, "probability": s.max_probability,
+            "label": s.label, "threshold": s.threshold, "model_id": s.model_id, "sha256": "",
+            "error": "" if s.images else (f"{s.study}: none of its {s.failed} image(s) could "
+                                          "be read"),
+            "true_label": positive if truth[k] else negative, "images": s.images,
+            "failed": s.failed, "mean_probability": s.mean_probability})
+    return out, ([group[(s.study, s.key)] for s in studies] if groups is not None else None)
+
+
 def at_threshold(model, threshold: float | None):
     """`model` with another threshold in effect (labels, threshold column), file untouched."""
     if threshold is None:
@@ -258,6 +327,7 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
              target_specificity: float | None = None, threshold: float | None = None,
              n_bootstrap: int = 1000, seed: int = 0, batch_size: int = 32,
              workers: int | None = None, exclude_training_copies: bool = False,
+             study_level: bool = False,
              progress: Callable[[dict[str, Any]], None] | None = None,
              on_start: Callable[[int], None] | None = None) -> Evaluation:
     """Score every labelled image under root with `model` and compute the metrics.
@@ -272,6 +342,9 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
     the model carries its training-data table; metrics["training_copies"] counts them. With
     `exclude_training_copies` the copies leave the rows and the metrics, and
     metrics["including_training_copies"] gives the headline metrics with them.
+
+    `study_level`: the metrics are per study (`by_study`), the bootstrap resamples studies (or,
+    with `groups`, groups of studies); `Evaluation.images` keeps the image rows.
     """
     root = Path(root)
     meta = model.meta
@@ -308,26 +381,43 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
         raise EvalDataError(f"{root}: every readable image is a copy of the model's own "
                             "training or validation images; --exclude-training-copies leaves "
                             "nothing to evaluate")
-    all_rows, all_groups = rows, group_of
+    negative = next(c for c in meta.class_names if c != meta.positive_class)
+
+    def unit(rows: list[dict[str, Any]], files: list[Path],
+             groups: list[str] | None) -> tuple[Evaluation, list[str] | None]:
+        """The evaluation of these rows at the requested level, and its readable rows' groups."""
+        images = None
+        if study_level:
+            images, (rows, groups) = rows, by_study(rows, files, meta.positive_class, negative,
+                                                    groups)
+        ev = Evaluation(rows, meta.positive_class, tuple(meta.class_names),
+                        float(scorer.meta.threshold), images=images)
+        return ev, ([g for g, r in zip(groups, rows) if not r["error"]] if groups else None)
+
+    files = [it.file for it in items]
+    all_rows, all_files, all_groups = rows, files, group_of
     rows = [r for r, k in zip(rows, keep) if k]
+    files = [f for f, k in zip(files, keep) if k]
     group_of = [g for g, k in zip(group_of, keep) if k] if group_of else None
 
-    ev = Evaluation(rows, meta.positive_class, tuple(meta.class_names),
-                    float(scorer.meta.threshold))
-    ok_groups = ([g for g, r in zip(group_of, rows) if not r["error"]] if group_of else None)
+    ev, ok_groups = unit(rows, files, group_of)
     data = {"root": str(root), "source": "labels" if labels else "folders",
             "labels_csv": str(labels) if labels else None,
             "groups_csv": str(groups) if groups else None, "ignored": counts["ignored"],
-            "unlabelled": len(unlabelled), "unlabelled_examples": unlabelled[:5]}
+            "unlabelled": len(unlabelled), "unlabelled_examples": unlabelled[:5],
+            "level": "study" if study_level else "image"}
+    if study_level:
+        data["images"] = len(rows)
+        data["unreadable_images"] = sum(1 for r in rows if r["error"])
+        data["incomplete_studies"] = sum(1 for r in ev.rows if r["failed"] and r["images"])
+        data["study_keys"] = dict(Counter(r["study_key"] for r in ev.rows))
     ev.metrics = summarise(ev, model, data, target_sensitivity=target_sensitivity,
                            target_specificity=target_specificity,
                            n_bootstrap=n_bootstrap, seed=seed, groups=ok_groups)
     copies["excluded"] = len(all_rows) - len(rows)
     ev.metrics["training_copies"] = copies
     if copies["excluded"]:
-        every = Evaluation(all_rows, ev.positive_class, ev.class_names, ev.threshold)
-        ok_all = ([g for g, r in zip(all_groups, all_rows) if not r["error"]]
-                  if all_groups else None)
+        every, ok_all = unit(all_rows, all_files, all_groups)
         ev.metrics["including_training_copies"] = headline(summarise(
             every, model, data, n_bootstrap=n_bootstrap, seed=seed, groups=ok_all))
     return ev

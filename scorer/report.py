@@ -69,7 +69,8 @@ def _threshold_text(m: dict[str, Any]) -> str:
 
 
 def _files(n: int, word: str = "file") -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    plural = word[:-1] + "ies" if word.endswith("y") else word + "s"
+    return f"{n} {word if n == 1 else plural}"
 
 
 def _reason(failed: dict[str, Any]) -> str:
@@ -77,6 +78,23 @@ def _reason(failed: dict[str, Any]) -> str:
     error, marker = failed["error"], failed["path"] + ": "
     i = error.find(marker)
     return error[i + len(marker):] if i >= 0 else error
+
+
+def _unit(data: dict[str, Any]) -> str:
+    return "study" if data.get("level") == "study" else "file"
+
+
+def study_sentence(m: dict[str, Any]) -> str:
+    """How a study-level evaluation formed its studies (text and HTML say the same)."""
+    data, pos = m["data"], m["positive_class"]
+    keys = data.get("study_keys", {})
+    formed = " and ".join(f"{n} by {'folder' if k == 'folder' else k}"
+                          for k, n in sorted(keys.items()))
+    incomplete = data.get("incomplete_studies", 0)
+    return (f"Metrics per study ({formed}): a study is '{pos}' when any of its images is "
+            "labelled so; its score is its highest image probability"
+            + (f"; {_files(incomplete, 'study')} incomplete (some images unreadable: a missing "
+               "image may be the fractured one)" if incomplete else "") + ".")
 
 
 # ---- text --------------------------------------------------------------------------------
@@ -88,7 +106,9 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
     at_threshold = m["operating_points"]["model"]["threshold"]
     lines = [f"model {model['model_name']}, version {model['model_version']} (id "
              f"{model['model_id']}), positive class '{m['positive_class']}', {_threshold_text(m)}",
-             f"data  {data['files']} files in {data['root']}: "
+             f"data  {_files(data['files'], _unit(data))} in {data['root']}"
+             + (f" ({_files(data['images'], 'image')})" if _unit(data) == "study" else "")
+             + ": "
              + ", ".join(f"{c} {v['files']}" for c, v in data["per_class"].items())
              + (f"; {data['unreadable']} unreadable, metrics use the {data['readable']} readable"
                 if data["unreadable"] else "")
@@ -97,6 +117,8 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
              + (f"; {_files(data['unlabelled'], 'image file')} without a label row not "
                 "evaluated" if data.get("unlabelled") else ""),
              ""]
+    if _unit(data) == "study":
+        lines[-1:] = [study_sentence(m), ""]
     if data.get("one_class"):
         lines[-1:] = [f"only '{data['one_class']}' images are readable here: metrics that need "
                       "both classes are n/a", ""]
@@ -203,7 +225,8 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
-    """Write predictions.csv, metrics.json and report.html into out_dir (created if needed).
+    """Write predictions.csv, metrics.json and report.html into out_dir (created if needed);
+    a study-level evaluation also writes studies.csv (predictions.csv keeps the images).
 
     All three are written to temporary files first and renamed into place only when every one
     is complete (`fxscore.atomicfile`): a full disk leaves the previous report, never a 0-byte
@@ -214,9 +237,31 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     paths = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json",
              "report": out / "report.html"}
     page = render_html(ev).encode("utf-8", "backslashreplace")  # undecodable names, visibly
-    write_files({paths["predictions"]: predictions_csv(ev.rows),
-                 paths["metrics"]: metrics_json(ev), paths["report"]: page})
+    files = {paths["predictions"]: predictions_csv(ev.image_rows),
+             paths["metrics"]: metrics_json(ev), paths["report"]: page}
+    if ev.images is not None:
+        paths["studies"] = out / "studies.csv"
+        files[paths["studies"]] = studies_csv(ev.rows)
+    write_files(files)
     return paths
+
+
+STUDY_COLUMNS = ("study", "key", "images", "failed", "max_probability", "mean_probability",
+                 "label", "true_label", "threshold", "model_id", "error")
+
+
+def studies_csv(rows: list[dict[str, Any]]) -> str:
+    """studies.csv of a study-level evaluation: `fxscore studies`' columns plus true_label
+    and error (a study none of whose images could be read)."""
+    def number(x: Any) -> Any:
+        return "" if x is None else round(float(x), 6)
+
+    buffer = io.StringIO(newline="")
+    csvsafe.write_rows(buffer, STUDY_COLUMNS, (
+        [r["path"], r["study_key"], r["images"], r["failed"], number(r["probability"]),
+         number(r["mean_probability"]), r["label"], r["true_label"], number(r["threshold"]),
+         r["model_id"], r["error"]] for r in rows))
+    return buffer.getvalue()
 
 
 # ---- figures -----------------------------------------------------------------------------
@@ -523,7 +568,7 @@ def render_html(ev: Evaluation) -> str:
         return f"{level} {_ci(c)}" if boot and c else ""
 
     cards = "".join([
-        _card("images", str(data["files"]),
+        _card("studies" if _unit(data) == "study" else "images", str(data["files"]),
               f"{data['unreadable']} unreadable" if data["unreadable"] else "all readable"),
         _card("ROC-AUC", _f(m["roc_auc"]["value"]), ci_sub(m["roc_auc"]["ci"])),
         _card(f"sensitivity @ {_f(at['threshold'])}", _f(at["sensitivity"]),
@@ -552,6 +597,8 @@ def render_html(ev: Evaluation) -> str:
     data_kv = [("folder", f'<span class="mono">{_e(data["root"])}</span>'),
                ("labels from", f'<span class="mono">{_e(data["labels_csv"])}</span>'
                 if data["source"] == "labels" else "one folder per class")]
+    if _unit(data) == "study":
+        data_kv.append(("unit", _e(study_sentence(m))))
     if data.get("groups_csv"):
         data_kv.append(("groups", f'{data["groups"]} groups from '
                                   f'<span class="mono">{_e(data["groups_csv"])}</span>'))

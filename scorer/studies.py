@@ -19,6 +19,10 @@ or a run without `--dicom-columns`), by the folder holding the file, and summari
 
 Output CSV text goes through `fxscore.csvsafe` (formula cells neutralised), input CSV through
 its reader, so folder names round-trip.
+
+`write_study_srs` writes one DICOM SR per study (`fxscore studies --sr-out`): for the studies
+keyed by StudyInstanceUID, from the scored images' own headers, read again under the folder the
+run scored (each file must still hash to its row's sha256: the SR references what was scored).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import math
 import os
 import posixpath
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import csvsafe
@@ -228,3 +233,75 @@ def write_studies(studies: Iterable[Study], out: str | os.PathLike) -> None:
         raise StudiesError(f"{os.fspath(out)}: not a regular file; --out must be a file "
                            "(or '-' for stdout)")
     write_files({out: studies_csv(studies)})
+
+
+@dataclass
+class StudySRs:
+    """What `write_study_srs` did: SR files written, and the studies it could not write."""
+    written: list[str]
+    failed: list[str]  # one message per study
+    without_uid: int  # studies keyed by folder: no StudyInstanceUID to file an SR in
+
+
+def write_study_srs(rows: Iterable[dict[str, Any]], root: str | os.PathLike, model_info:
+                    dict[str, Any], out_dir: str | os.PathLike) -> StudySRs:
+    """One study SR (`fxscore.sr.write_study_sr`) per StudyInstanceUID among the rows, over its
+    scored images. `root` is the folder the rows' paths are relative to (the run's INPUT);
+    `model_info` names the model (name, version, model_id, positive_class), which must be the
+    one that scored the rows. A study whose files are missing, changed since scoring, or lack
+    what an SR needs is reported in `failed` and written for none of its images."""
+    import hashlib
+    import io as _io
+
+    from . import dicom, sr
+    from .images import ImageReadError, open_regular
+
+    images: dict[str, list[dict[str, Any]]] = {}
+    folders: set[str] = set()
+    seen: set[str] = set()
+    for row in rows:
+        if row["path"] in seen:
+            continue
+        seen.add(row["path"])
+        study, key = study_of(row)
+        if key != STUDY_KEY:
+            folders.add(study)
+            continue
+        images.setdefault(study, [])
+        if row["model_id"] and str(row["model_id"]) != str(model_info["model_id"]):
+            raise StudiesError(f"{row['_where']}: scored by model {row['model_id']}, not by "
+                               f"the model given ({model_info['model_id']}); an SR must name "
+                               "the model that scored it")
+        if not row["error"] and row["probability"] is not None:
+            images[study].append(row)
+    result = StudySRs([], [], len(folders))
+    for study, scored in sorted(images.items()):
+        if not scored:
+            result.failed.append(f"study {study}: none of its images was scored; no SR")
+            continue
+        try:
+            sources = []
+            for row in scored:
+                path = Path(root) / row["path"]
+                with open_regular(path) as f:
+                    data = f.read()
+                if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
+                    raise sr.SRError(f"{path} has changed since it was scored (its sha256 "
+                                     "differs from the row's); score it again")
+                ds = dicom.read_header(_io.BytesIO(data), str(path)).ds
+                if str(ds.get(STUDY_KEY) or "").strip() != study:
+                    raise sr.SRError(f"{path}: its StudyInstanceUID is not {study}, as its "
+                                     "row says; score it again")
+                sources.append(ds)
+            out = sr.write_study_sr(sources, [r["probability"] for r in scored],
+                                    [r["label"] for r in scored], scored[0]["threshold"],
+                                    model_info, out_dir)
+            result.written.append(str(out))
+        except (sr.SRError, ImageReadError) as e:
+            result.failed.append(f"study {study}: {e}")
+        except OSError as e:
+            result.failed.append(f"study {study}: {e.filename or ''} {e.strerror or e}".strip())
+        except Exception as e:  # noqa: BLE001 - highdicom's messages can quote PHI: kind only
+            result.failed.append(f"study {study}: {type(e).__name__} while building its SR "
+                                 "from the images' headers")
+    return result

@@ -107,6 +107,40 @@ def _nothing_readable(root):
     write_truncated(root / "not fractured" / "b.png")
 
 
+def test_eval_study_level_writes_studies_csv_and_says_what_a_study_is(tmp_path, tiny_model):
+    root = tmp_path / "st"
+    rows = []
+    for i, greys in enumerate([(200, 20), (30, 20), (150, 160), (40, 50)]):
+        for j, grey in enumerate(greys):
+            rel = f"patient{i}/study/{j}.png"
+            write_grey(root / rel, grey)
+            rows.append((rel, "fractured" if (i, j) in {(0, 0), (1, 1), (2, 0)} else
+                         "not fractured"))
+    write_truncated(root / "patient3/study/2.png")
+    rows.append(("patient3/study/2.png", "not fractured"))
+    labels = write_csv(tmp_path / "labels.csv", ("path", "label"), rows)
+    r = invoke(root, "-m", tiny_model, "--labels", labels, "--study-level", "--report",
+               tmp_path / "rep", "--bootstrap", "50")
+    assert r.exit_code == EXIT_SOME_FAILED, r.output
+    assert "data  4 studies in " in r.stdout and "(9 images)" in r.stdout
+    assert ("Metrics per study (4 by folder): a study is 'fractured' when any of its images is "
+            "labelled so; its score is its highest image probability; 1 study incomplete") \
+        in r.stdout
+    assert "1 file could not be read; the metrics use the 4 studies with a readable image" \
+        in r.stderr
+    with open(tmp_path / "rep" / "studies.csv", newline="") as f:
+        studies = list(csv.DictReader(f))
+    assert [s["study"] for s in studies] == [f"patient{i}/study" for i in range(4)]
+    assert [s["true_label"] for s in studies] == ["fractured"] * 3 + ["not fractured"]
+    assert [s["images"] for s in studies] == ["2", "2", "2", "2"]
+    assert studies[3]["failed"] == "1"
+    with open(tmp_path / "rep" / "predictions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 9  # the images
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert doc["data"]["level"] == "study" and doc["data"]["files"] == 4
+    assert "Metrics per study" in (tmp_path / "rep" / "report.html").read_text()
+
+
 @pytest.mark.parametrize("make, extra, message", [
     (_unknown_folder, [], "folder(s) 'broken' are not classes of this model; expected one folder "
                           "per class of the model ('fractured', 'not fractured')"),

@@ -350,3 +350,101 @@ def test_hand_padded_label_paths_still_match(tmp_path, model):
     labels.write_text(text)
     ev = run(tmp_path / "flat", model, labels=labels, n_bootstrap=0)
     assert ev.metrics["data"]["unreadable"] == 0
+
+
+# ---------------------------------------------------------------------------- study level
+
+def _studies(root, n=12, truncated=()):
+    """n studies of two images each (root/images/sNN/{a,b}.png) and their labels CSV: study i
+    < n/2 has one fractured image (a, the brighter) and one not; the others none."""
+    rows = []
+    for i in range(n):
+        bright = 60 + 15 * i if i < n // 2 else 40 + 15 * i  # overlapping, not separable
+        for name, grey, cls in (("a", bright, "fractured" if i < n // 2 else "not fractured"),
+                                ("b", max(5, bright - 40), "not fractured")):
+            rel = f"images/s{i:02d}/{name}.png"
+            if (i, name) in truncated:
+                write_truncated(root / rel)
+            else:
+                write_grey(root / rel, grey)
+            rows.append((rel, cls))
+    return write_csv(root / "labels.csv", ("path", "label"), rows)
+
+
+def test_study_level_metrics_are_the_metrics_of_study_maxima(tmp_path, model):
+    root = tmp_path / "st"
+    labels = _studies(root)
+    images = run(root, model, labels=labels, n_bootstrap=0)
+    ev = run(root, model, labels=labels, study_level=True, n_bootstrap=300)
+    by = {}
+    for r in images.rows:
+        by.setdefault(r["path"].rsplit("/", 1)[0], []).append(r)
+    assert [r["path"] for r in ev.rows] == sorted(by)
+    y = np.array([any(r["true_label"] == "fractured" for r in by[s]) for s in sorted(by)], int)
+    score = np.array([max(r["probability"] for r in by[s]) for s in sorted(by)])
+    assert [r["probability"] for r in ev.rows] == pytest.approx(score.tolist(), abs=0)
+    assert [r["true_label"] == "fractured" for r in ev.rows] == y.astype(bool).tolist()
+    assert ev.metrics["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, score))
+    point = ev.metrics["operating_points"]["model"]
+    called = score >= ev.threshold
+    assert (point["tp"], point["fp"]) == (int((called & (y == 1)).sum()),
+                                          int((called & (y == 0)).sum()))
+    data = ev.metrics["data"]
+    assert (data["level"], data["files"], data["images"]) == ("study", 12, 24)
+    assert data["study_keys"] == {"folder": 12}
+    assert ev.metrics["bootstrap"]["n_resamples"] == 300 and not ev.metrics["bootstrap"]["grouped"]
+    assert ev.image_rows == ev.images and len(ev.images) == 24
+    # the image-level evaluation of the same data differs: studies are the unit here
+    assert images.metrics["data"]["files"] == 24
+
+
+def test_study_level_unreadable_images_make_studies_incomplete_or_unreadable(tmp_path, model):
+    root = tmp_path / "st"
+    labels = _studies(root, truncated={(0, "b"), (3, "a"), (3, "b")})
+    ev = run(root, model, labels=labels, study_level=True, n_bootstrap=0)
+    rows = {r["path"]: r for r in ev.rows}
+    assert rows["images/s00"]["images"] == 1 and rows["images/s00"]["failed"] == 1
+    assert rows["images/s03"]["error"].startswith("images/s03: none of its 2 image(s)")
+    # the truth of an unreadable image still counts: s03 is a fractured study
+    assert rows["images/s03"]["true_label"] == "fractured"
+    data = ev.metrics["data"]
+    assert (data["unreadable"], data["unreadable_images"], data["incomplete_studies"]) == (1, 3, 1)
+    assert [f["path"] for f in ev.metrics["unreadable_files"]] == ["images/s03"]
+
+
+def test_study_level_groups_resample_studies_and_must_agree_within_a_study(tmp_path, model):
+    root = tmp_path / "st"
+    labels = _studies(root)
+    rels = [f"images/s{i:02d}/{n}.png" for i in range(12) for n in "ab"]
+    patients = write_csv(tmp_path / "g.csv", ("path", "group"),
+                         [(r, f"p{int(r[8:10]) // 2}") for r in rels])  # 2 studies a patient
+    ev = run(root, model, labels=labels, study_level=True, groups=patients, n_bootstrap=200)
+    assert ev.metrics["bootstrap"]["grouped"] and ev.metrics["bootstrap"]["clusters"] == 6
+    split = write_csv(tmp_path / "bad.csv", ("path", "group"),
+                      [(r, "x" if r == "images/s04/b.png" else "p") for r in rels])
+    with pytest.raises(EvalDataError, match=r"study images/s04 has images in two groups .*"
+                                            r"images/s04/b.png"):
+        run(root, model, labels=labels, study_level=True, groups=split)
+
+
+def test_study_level_reads_the_study_uid_from_dicom_headers(tmp_path, model):
+    """A PACS-like export: DICOM images group by StudyInstanceUID across series folders, the
+    PNG by its folder."""
+    from pacs_export import SCORED, STUDY_A, STUDY_B, make_export
+
+    root = make_export(tmp_path / "pacs")
+    labels = write_csv(tmp_path / "labels.csv", ("path", "label"),
+                       [(p, "fractured" if p == "PAT1/STUDY_A/DX/IM2" else "not fractured")
+                        for p in SCORED])
+    images = run(root, model, labels=labels, n_bootstrap=0)
+    ev = run(root, model, labels=labels, study_level=True, n_bootstrap=0)
+    prob = {r["path"]: r["probability"] for r in images.rows}
+    studies = {r["path"]: r for r in ev.rows}
+    assert set(studies) == {STUDY_A, STUDY_B, "photos"}
+    assert studies[STUDY_A]["study_key"] == "StudyInstanceUID"
+    assert studies[STUDY_A]["images"] == 3 and studies[STUDY_A]["true_label"] == "fractured"
+    assert studies[STUDY_A]["probability"] == max(prob[p] for p, s in SCORED.items()
+                                                  if s == STUDY_A)
+    assert studies[STUDY_B]["true_label"] == "not fractured" and studies[STUDY_B]["images"] == 2
+    assert studies["photos"]["study_key"] == "folder"
+    assert ev.metrics["data"]["study_keys"] == {"StudyInstanceUID": 2, "folder": 1}

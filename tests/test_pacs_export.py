@@ -3,6 +3,7 @@ library and through `fxscore run` / `fxscore studies`."""
 from __future__ import annotations
 
 import io
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -100,3 +101,48 @@ def test_fxscore_run_then_studies_on_the_export(export, tmp_path, tiny_model):
                                  str(tmp_path / "again.csv"), "--dicom-columns", "--sr-out",
                                  str(sr_dir), "-q"])
     assert r.exit_code == 0 and sorted(sr_dir.iterdir()) == srs
+
+
+def test_fxscore_studies_writes_one_valid_sr_per_study(export, tmp_path, tiny_model):
+    out, sr_dir = tmp_path / "rows.csv", tmp_path / "study-sr"
+    r = CliRunner().invoke(cli, ["run", str(export), "-m", str(tiny_model), "--out", str(out),
+                                 "--dicom-columns", "-q"])
+    assert r.exit_code == 0, r.output
+    args = ["studies", str(out), "--out", str(tmp_path / "studies.csv"), "--sr-out", str(sr_dir),
+            "--input", str(export), "-m", str(tiny_model)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert ("2 study SRs written to" in r.stderr
+            and "1 study by folder have no StudyInstanceUID" in r.stderr)
+    srs = sorted(sr_dir.iterdir())
+    assert len(srs) == 2
+    rows = list(csvsafe.read_dicts(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+    for path in srs:
+        assert dciodvfy(path)[0] == []
+        sr = pydicom.dcmread(path)
+        mine = [row for row in rows if row["StudyInstanceUID"] == sr.StudyInstanceUID]
+        evidence = {ref.ReferencedSOPInstanceUID
+                    for study in sr.CurrentRequestedProcedureEvidenceSequence
+                    for series in study.ReferencedSeriesSequence
+                    for ref in series.ReferencedSOPSequence}
+        assert evidence == {row["SOPInstanceUID"] for row in mine}
+    # a rerun rewrites the same files
+    assert CliRunner().invoke(cli, args).exit_code == 0 and sorted(sr_dir.iterdir()) == srs
+
+    # a file changed since scoring: that study gets no SR, the run says why and exits 3
+    changed = tmp_path / "changed"
+    shutil.copytree(export, changed)  # a copy: never change a file the other tests read
+    victim = changed / "PAT2/STUDY_B/CR/IM1"
+    victim.write_bytes(victim.read_bytes() + b"\0\0")
+    r = CliRunner().invoke(cli, [*args[:5], str(tmp_path / "sr2"), "--input", str(changed),
+                                 "-m", str(tiny_model)])
+    assert r.exit_code == 3, r.output
+    assert f"study {pacs_export.STUDY_B}: {victim} has changed since it was scored" in r.stderr
+    assert len(list((tmp_path / "sr2").iterdir())) == 1
+
+
+def test_fxscore_studies_sr_out_needs_the_input_folder(tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("path,probability,label,threshold,model_id,sha256,error\n")
+    r = CliRunner().invoke(cli, ["studies", str(rows), "--sr-out", str(tmp_path / "sr")])
+    assert r.exit_code == 2 and "--sr-out needs --input" in r.output
