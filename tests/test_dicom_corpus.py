@@ -12,8 +12,8 @@
    reads to the identical image and scores identically (|d prob| <= 1e-6); a lossy twin scores
    within LOSSY_PROB_TOLERANCE, its model input within LOSSY_INPUT_TOLERANCE.
 
-HTJ2K has a decoder (pylibjpeg-openjpeg) but no encoder here and no sample file, so it is not
-exercised.
+   HTJ2K lossless twins come from OpenJPH's `ojph_compress` (Debian's openjph-tools, BSD-2),
+   its codestream encapsulated here: decoded by pylibjpeg-openjpeg, an independent code base.
 """
 from __future__ import annotations
 
@@ -234,9 +234,10 @@ def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI"):
-            pytest.fail(f"{name} must be installed in CI (.ci/run installs dcmtk and "
-                        "libgdcm-tools)")
-        pytest.skip(f"{name} not installed (apt-get install dcmtk libgdcm-tools)")
+            pytest.fail(f"{name} must be installed in CI (.ci/run installs dcmtk, "
+                        "libgdcm-tools and openjph-tools)")
+        pytest.skip(f"{name} not installed (apt-get install dcmtk libgdcm-tools "
+                    "openjph-tools)")
     return path
 
 
@@ -292,6 +293,7 @@ LOSSLESS = {  # name -> (command, transfer syntax the file must then have)
     "jpeg-ls-lossless": (["dcmcjpls", "+el"], uid.JPEGLSLossless),
     "rle": (["dcmcrle"], uid.RLELossless),
     "j2k-lossless": (["gdcmconv", "--j2k"], uid.JPEG2000Lossless),
+    "htj2k-lossless": (["ojph_compress"], uid.HTJ2KLossless),  # via write_htj2k_twin
 }
 LOSSY = {  # +sr: keep the stored values (dcmcjpeg's default rescales min..max to full range)
     "jpeg-lossy": (["dcmcjpeg", "{jpeg}", "+sr"], None),
@@ -318,11 +320,30 @@ def write_plain_dx(pixels: np.ndarray, bits: int, path: Path, sop: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def write_htj2k_twin(plain: Path, out: Path) -> None:
+    """The plain file's pixels through OpenJPH (`ojph_compress -reversible true`, from a PGM),
+    the codestream encapsulated in a copy of the plain data set as HTJ2K Lossless."""
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(plain)
+    pixels = ds.pixel_array
+    pgm, j2c = out.with_suffix(".pgm"), out.with_suffix(".j2c")
+    maxval = 2 ** int(ds.BitsStored) - 1
+    with open(pgm, "wb") as f:  # PGM: big-endian samples above 8 bits
+        f.write(f"P5\n{pixels.shape[1]} {pixels.shape[0]}\n{maxval}\n".encode())
+        f.write(pixels.astype(">u2" if maxval > 255 else "u1").tobytes())
+    run_tool(tool("ojph_compress"), "-i", pgm, "-o", j2c, "-reversible", "true")
+    ds.file_meta.TransferSyntaxUID = uid.HTJ2KLossless
+    ds.PixelData = encapsulate([j2c.read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(out, enforce_file_format=True)
+
+
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
     """{(image, bits): {"plain": path, codec: path}} for 2 real radiographs, 8 and 12 bit."""
     root = require_real_data()
-    for name in ("dcmcjpeg", "dcmcjpls", "dcmcrle", "gdcmconv"):
+    for name in ("dcmcjpeg", "dcmcjpls", "dcmcrle", "gdcmconv", "ojph_compress"):
         tool(name)
     rows = list(csv.DictReader((root / "manifest.csv").open()))
     picked = sorted({r["sha256"] for r in rows if int(r["bytes"]) > 800_000})[:2]
@@ -338,7 +359,10 @@ def twins(tmp_path_factory):
             for codec, (cmd, _) in {**LOSSLESS, **LOSSY}.items():
                 cmd = [c.replace("{jpeg}", "+eb" if bits == 8 else "+ee") for c in cmd]
                 files[codec] = out / f"x{i}_{bits}_{codec}.dcm"
-                run_tool(*cmd, files["plain"], files[codec])
+                if codec == "htj2k-lossless":
+                    write_htj2k_twin(files["plain"], files[codec])
+                else:
+                    run_tool(*cmd, files["plain"], files[codec])
             made[(i, bits)] = files
     return made
 
