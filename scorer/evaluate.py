@@ -414,6 +414,9 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
     ev.metrics = summarise(ev, model, data, target_sensitivity=target_sensitivity,
                            target_specificity=target_specificity,
                            n_bootstrap=n_bootstrap, seed=seed, groups=ok_groups)
+    from .ood import ood_summary  # None for a model without OOD statistics
+
+    ev.metrics["ood"] = ood_summary(ev.image_rows, meta.positive_class, ev.threshold)
     copies["excluded"] = len(all_rows) - len(rows)
     ev.metrics["training_copies"] = copies
     if copies["excluded"]:

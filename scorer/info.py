@@ -232,8 +232,36 @@ def model_pairs(doc: dict[str, Any], *, training: bool = True) -> list[tuple[str
                                       f"(train {table.get('train', '?')}, val "
                                       f"{table.get('val', '?')}){near}: `fxscore eval` reports "
                                       "copies of them"))
+    rows += explain_pairs(doc)
     if training:
         rows += [(f"training: {k}", v) for k, v in training_pairs(doc.get("training") or {})]
+    return rows
+
+
+def explain_pairs(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Heatmaps and the OOD flag: what the model carries, or the command that adds them."""
+    outputs, cam, ood = doc.get("outputs") or {}, doc.get("cam") or {}, doc.get("ood") or {}
+    rows = []
+    if "feature_map" in outputs and cam:
+        cells = cam.get("cells")
+        grid = f"{cells[0]} x {cells[1]} cells, " if isinstance(cells, (list, tuple)) else ""
+        rows.append(("heatmaps", f"class activation maps ({grid}from graph output "
+                                 f"'{outputs['feature_map']}'): `fxscore run --heatmaps DIR`, "
+                                 "`fxscore explain`"))
+    else:
+        rows.append(("heatmaps", "none; add them with `fxscore augment MODEL --out NEW.onnx` "
+                                 "(or re-export)"))
+    if ood:
+        rows.append(("OOD flag", f"{ood.get('method', '?')} on the {ood.get('dim', '?')} "
+                                 f"pooled features, threshold {_num(ood.get('threshold'), 2)} "
+                                 f"(false-flag rate {_num(ood.get('false_flag_rate'), 3)}, "
+                                 f"from {ood.get('holdout_images', '?')} images "
+                                 f"{ood.get('threshold_from', '')}); fit on "
+                                 f"{ood.get('fit_images', '?')} images: rows get ood_score, "
+                                 "ood"))
+    else:
+        rows.append(("OOD flag", "none (rows get no ood columns); add one with `fxscore augment "
+                                 "MODEL --out NEW.onnx --ood-fit TRAIN --ood-threshold-on VAL`"))
     return rows
 
 

@@ -47,7 +47,6 @@ FALSE_FLAG_RATE = 0.01
 FOLDS = 5
 MIN_IMAGES = 20  # fewer validation images cannot say anything about a 1% tail
 METHOD = "mahalanobis-ledoit-wolf"
-MIN_SIDE = 32  # images smaller than this on a side are error rows, not OOD rows (scoring)
 
 
 class OodError(ValueError):

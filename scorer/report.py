@@ -84,6 +84,26 @@ def _unit(data: dict[str, Any]) -> str:
     return "study" if data.get("level") == "study" else "file"
 
 
+def ood_sentence(m: dict[str, Any]) -> str:
+    """The OOD flag's split of the metrics (`fxscore.ood.ood_summary`), "" without one."""
+    o = m.get("ood")
+    if not o:
+        return ""
+
+    def part(p: dict[str, Any]) -> str:
+        if not p["images"]:
+            return "none"
+        auc = f"ROC-AUC {_f(p['roc_auc'])}, " if p.get("roc_auc") is not None else ""
+        return (f"{auc}sensitivity {_f(p['sensitivity'])}, specificity "
+                f"{_f(p['specificity'])} on {_files(p['images'], 'image')}")
+
+    inside = o["in_distribution"]["images"]
+    return (f"OOD flag: {o['flagged']} of {inside + o['flagged']} readable images flagged as "
+            f"unlike the images the model was made for ({o['flagged_share']:.1%}); they keep "
+            f"their scores and are in the metrics above. In distribution: "
+            f"{part(o['in_distribution'])}; flagged: {part(o['out_of_distribution'])}.")
+
+
 def study_sentence(m: dict[str, Any]) -> str:
     """How a study-level evaluation formed its studies (text and HTML say the same)."""
     data, pos = m["data"], m["positive_class"]
@@ -125,6 +145,8 @@ def format_text(ev: Evaluation, max_failed: int = 20) -> str:
     copies = copies_sentence(m)  # images the model was trained on (fxscore.membership)
     if copies:
         lines[-1:] = [copies, ""]
+    if ood_sentence(m):
+        lines[-1:] = [ood_sentence(m), ""]
 
     lines += [f"Classification report (threshold {_f(at_threshold)})",
               m["classification_report_text"].rstrip(), ""]
@@ -606,6 +628,8 @@ def render_html(ev: Evaluation) -> str:
         data_kv.append(("ignored", f'{data["ignored"]} non-image file(s) in the class folders'))
     if copies_sentence(m):
         data_kv.append(("training copies", _e(copies_sentence(m))))
+    if ood_sentence(m):
+        data_kv.append(("OOD flag", _e(ood_sentence(m))))
 
     rank_rows = [[label, _f(m[k]["value"]), _ci_cell(m[k]["ci"])] for k, label in
                  (("roc_auc", "ROC-AUC"), ("average_precision", "Average precision"))]

@@ -19,7 +19,7 @@ FRACTURED = [250, 220, 200, 180, 160, 150, 140, 130, 120, 100, 90]
 NOT_FRACTURED = [10, 20, 30, 40, 50, 60, 70, 80, 100, 110, 125, 150]
 
 
-def write_grey(path: Path, grey: int, size: int = 24) -> Path:
+def write_grey(path: Path, grey: int, size: int = 32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size, size), grey, dtype=np.uint8)).save(path)
     return path

@@ -62,11 +62,11 @@ def write_dicom(path: Path, value: int, bits_stored: int, photometric="MONOCHROM
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "DX", 40, 30
+    ds.Modality, ds.Rows, ds.Columns = "DX", 40, 32
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = np.full((40, 30), value, np.uint16).tobytes()
+    ds.PixelData = np.full((40, 32), value, np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -126,8 +126,8 @@ def test_generated_dicom_and_16_bit_files(model, tmp_path):
     write_dicom(root / "dicom" / "bright.dcm", 3500, bits_stored=12)  # 3500/4095
     write_dicom(root / "dicom" / "IM0002", 9000, bits_stored=16)  # no suffix: DICM marker
     write_dicom(root / "dicom" / "1.2.840.1234.5", 900, bits_stored=12, photometric="MONOCHROME1")
-    Image.fromarray(np.full((40, 30), 40000, np.uint16)).save(root / "png16.png")
-    Image.fromarray(np.full((40, 30), 700, np.uint16)).save(root / "PNG16-DARK.PNG")
+    Image.fromarray(np.full((40, 32), 40000, np.uint16)).save(root / "png16.png")
+    Image.fromarray(np.full((40, 32), 700, np.uint16)).save(root / "PNG16-DARK.PNG")
     write_grey(root / ".hidden" / "skip.png", 255)
     write_grey(root / ".skip.png", 255)
     (root / "dicom" / "loop").symlink_to("..")  # must terminate, scoring nothing twice
@@ -693,7 +693,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_ends_with_one_line_and_stays_resumable(model, tmp_path, small_disk):
-    src = _grey_tree(tmp_path / "in", 900, size=16)
+    src = _grey_tree(tmp_path / "in", 900, size=32)
     out = small_disk / "preds.csv"
     cmd = ["timeout", "120", *_cmd(src, model, out), "--quiet", "--batch-size", "32"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

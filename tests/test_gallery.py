@@ -46,7 +46,7 @@ def test_gallery_shows_the_most_confident_mistakes_with_heatmaps(tmp_path, model
     doc = gallery_html(model, ev)
     images = _images(doc)
     assert len(images) == 2 * (2 + 2 + 3)  # radiograph + heatmap per figure
-    assert all(im.size == (24, 24) for im in images)
+    assert all(im.size == (32, 32) for im in images)
     assert "Most confident false positives" in doc and "fxscore augment" not in doc
     assert "<script" not in doc and "http" not in doc  # self-contained
 

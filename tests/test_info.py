@@ -120,3 +120,30 @@ def test_a_model_without_training_summary(tmp_path):
     text = info.format_info(info.describe(model))
     assert "no training summary in this model" in text
     assert "32 x 48 px (height x width)" in text
+
+
+def test_heatmap_and_ood_lines_say_what_the_model_carries_or_how_to_add_it(tmp_path):
+    from fxscore.explain_graph import augment
+    from fxscore.ood import embed_ood
+    from onnx_models import make_convnet
+    from test_ood import _textures
+
+    meta = make_meta(preprocess=Preprocess(input_size=(32, 32)), model_name="test-cnn")
+    plain = make_convnet(tmp_path / "cnn.onnx", meta)
+    rows = dict(info.model_pairs(info.describe(load_model(plain))))
+    assert rows["heatmaps"].startswith("none; add them with `fxscore augment")
+    assert rows["OOD flag"].startswith("none (rows get no ood columns)")
+
+    data, _ = augment(plain.read_bytes(), load_model(plain).meta)
+    explained = tmp_path / "cnn.explain.onnx"
+    explained.write_bytes(data)
+    embed_ood(explained, _textures(tmp_path / "val", 40, seed=0))
+    model = load_model(explained)
+    rows = dict(info.model_pairs(info.describe(model)))
+    cells = model.meta.cam["cells"]
+    assert rows["heatmaps"].startswith(f"class activation maps ({cells[0]} x {cells[1]} cells, "
+                                       f"from graph output '{model.meta.outputs['feature_map']}'")
+    ood = model.meta.ood
+    assert rows["OOD flag"].startswith(f"mahalanobis-ledoit-wolf on the {ood['dim']} pooled "
+                                       f"features, threshold {ood['threshold']:.2f}")
+    assert f"fit on {ood['fit_images']} images" in rows["OOD flag"]

@@ -154,6 +154,17 @@ def test_eval_rows_carry_the_flag_and_are_summarised_apart(tmp_path, explain_cnn
     assert (summary["in_distribution"]["images"] + summary["out_of_distribution"]["images"]
             == len(ev.rows))
     assert ood_summary([{**r, "ood": None} for r in ev.rows], "fractured", 0.5) is None
+    # eval's metrics, text and HTML carry the split
+    from fxscore.report import format_text, render_html
+
+    got = ev.metrics["ood"]  # (NaN metrics of a one-class part do not compare equal)
+    assert (got["flagged"], got["in_distribution"]["images"]) == (summary["flagged"],
+                                                                 13 - summary["flagged"])
+    assert got["in_distribution"]["roc_auc"] == summary["in_distribution"]["roc_auc"]
+    text = format_text(ev)
+    assert (f"OOD flag: {summary['flagged']} of 13 readable images flagged as unlike the images "
+            "the model was made for") in text and "In distribution: " in text
+    assert "OOD flag: " in render_html(ev)
 
 
 def test_with_a_holdout_the_threshold_comes_from_the_held_out_images():

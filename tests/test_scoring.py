@@ -101,7 +101,7 @@ def test_label_uses_the_model_threshold(tmp_path):
 
 def test_unexpected_decoder_failure_is_an_error_row(model, tmp_path, monkeypatch):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
-    monkeypatch.setattr(scoring, "read_image", lambda source, **kw: np.zeros((4, 4, 4), np.float32))
+    monkeypatch.setattr(scoring, "read_image", lambda source, **kw: np.zeros((64, 64, 4), np.float32))
     [row] = score_items(model, [("a.png", tmp_path / "a.png")])
     assert row["probability"] is None
     assert row["error"].startswith(f"{tmp_path / 'a.png'}: ValueError: preprocess expects")
@@ -322,3 +322,19 @@ def test_model_input_is_the_one_reading_rule(model, tmp_path):
     assert np.array_equal(from_path, expected) and np.array_equal(from_bytes, expected)
     [row] = score_items(model, [("big.jpg", tmp_path / "big.jpg")])
     assert row["probability"] == pytest.approx(float(model.predict(expected[None])[0]), abs=1e-6)
+
+
+@pytest.mark.parametrize("size, scored", [((1, 1), False), ((31, 400), False), ((400, 31), False),
+                                          ((32, 32), True), ((32, 1000), True)])
+def test_images_too_small_to_be_a_radiograph_are_error_rows(model, tmp_path, size, scored):
+    """A 1 x 1 black image once scored 0.9998 "fractured": under 32 px a side is an error."""
+    path = tmp_path / "tiny.png"
+    Image.new("L", size, 0).save(path)
+    [row] = score_items(model, [("tiny.png", path)], workers=1)
+    if scored:
+        assert row["error"] == "" and row["probability"] is not None
+    else:
+        assert row["probability"] is None and row["label"] == ""
+        assert row["error"] == (f"{path}: {size[0]} x {size[1]} pixels is too small to be a "
+                                "radiograph (fxscore scores images of at least 32 x 32 pixels)")
+        assert row["sha256"]  # it was read: a fixed file is found by --retry-errors
