@@ -1,20 +1,26 @@
 """`fxscore run --ray` against a real local Ray cluster: the same rows as a single process, on
 sample data (DICOM included) and real X-rays; an actor killed mid-run; the driver SIGKILLed
-mid-run and resumed; --shard; 127.0.0.1 only; a million paths in flat memory.
+mid-run and resumed; --shard; 127.0.0.1 only; a million paths in flat memory; a real
+two-node cluster (two raylets on this machine), one actor on each node.
 
-The tests marked `ray` need the [ray] extra and share one local cluster (2 CPUs); the others
-(options, imports, the actor's settings) run in every install, Ray or not.
+The tests marked `ray` need the [ray] extra and share one local cluster (2 CPUs), but for the
+two-node one, which starts its own; the others (options, imports, the actor's settings) run in
+every install, Ray or not.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -461,3 +467,151 @@ def test_a_million_paths_are_fed_in_flat_driver_memory(ray_local, tmp_path):
     del tenth
     assert grown < 48 << 20, f"feeding 1M paths grew the driver by {grown >> 20} MiB"
     assert grown < listed / 4, (grown, listed)
+
+
+# ---- a real two-node cluster -----------------------------------------------------------------------
+
+# Ray's own multi-node-on-one-host utility, in a process of its own: its shutdown resets this
+# process's Ray state (the internal KV client of the module's cluster) and token mode is read
+# per process. It prints the address and node ids, then answers each line on stdin with the
+# GCS actor table (dead actors included: the pool is gone when the job ends); EOF shuts it down.
+TWO_NODES = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+
+node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+cluster = Cluster(initialize_head=True, head_node_args=node)
+try:
+    cluster.add_node(**node)
+    cluster.wait_for_nodes(timeout=300)
+    print(json.dumps({"address": cluster.address,
+                      "nodes": [n.node_id for n in cluster.list_all_nodes()]}), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps([{"class": a["ActorClassName"], "state": a["State"],
+                           "node": a["Address"]["NodeID"]}
+                          for a in cluster.global_state.actor_table(None).values()]), flush=True)
+finally:
+    cluster.shutdown()
+"""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name ([0] state, [3] session, [19] start time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _program(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+class TwoNodes:
+    """The helper process running the cluster: its address, node ids and environment."""
+
+    def __init__(self, log: Path) -> None:
+        import secrets
+
+        from ray._private import ray_constants
+
+        self.log, self.seen = log, {}
+        # This test's own token (not ~/.ray/auth_token), usage statistics off, and Ray's
+        # single-machine switch (see rayrun._loopback_only): every server on 127.0.0.1.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                         "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                         ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"})
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", TWO_NODES], env=self.env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err, text=True, start_new_session=True)
+        self.pid = self.proc.pid  # and the id of its session, which every Ray process keeps
+        self.address, self.nodes = "", []
+
+    def wait_up(self) -> None:
+        info = self._reply()
+        self.address, self.nodes = info["address"], info["nodes"]
+
+    def _reply(self):
+        ready, _, _ = select.select([self.proc.stdout], [], [], 300)  # a guard against hangs
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"the two-node cluster did not answer:\n{self.log.read_text()[-4000:]}"
+        return json.loads(line)
+
+    def actors(self) -> list[dict]:
+        self.proc.stdin.write("actors\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def processes(self) -> list[int]:
+        return [self.pid, *_descendants(self.pid)]
+
+    def in_session(self) -> list[int]:
+        return [int(e) for e in os.listdir("/proc") if e.isdigit()
+                and (s := _stat(int(e))) and int(s[3]) == self.pid and s[0] not in "ZX"]
+
+    def shut_down(self) -> None:
+        self.seen = {p: s[19] for p in self.processes() + self.in_session() if (s := _stat(p))}
+        self.proc.stdin.close()  # EOF: Cluster.shutdown() stops both nodes
+        try:
+            self.proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # only this test's processes, by id
+            for pid in self.in_session():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait()
+        finally:
+            self.proc.stdout.close()
+
+    def left(self) -> list[str]:
+        """The cluster's processes still running: those seen at shutdown, and its session."""
+        alive = {p for p, start in self.seen.items()
+                 if (s := _stat(p)) and s[19] == start and s[0] not in "ZX"}
+        return [f"{p} {_program(p)}" for p in sorted(alive | set(self.in_session()))]
+
+
+@contextlib.contextmanager
+def two_node_cluster(log: Path) -> Iterator[TwoNodes]:
+    cluster = TwoNodes(log)
+    try:
+        cluster.wait_up()
+        yield cluster
+    finally:
+        cluster.shut_down()
+
+
+@needs_ray
+def test_two_node_cluster_scores_on_both_nodes_like_a_single_process(model, model_path,
+                                                                     tmp_path):
+    """`fxscore run --ray ADDRESS` on two nodes (Ray's cluster_utils.Cluster: two raylets and
+    node ids on 127.0.0.1, 1 CPU each), 2 actors of 1 CPU: one actor on each node, the rows of
+    a single process, and no process of the cluster left afterwards."""
+    pytest.importorskip("ray")
+    expected = single_process(model, SAMPLE_DATA, tmp_path / "single.csv")
+    out = tmp_path / "ray.csv"
+    with two_node_cluster(tmp_path / "cluster.log") as cluster:
+        pids = cluster.processes()
+        raylets = [p for p in pids if _program(p).endswith("/raylet")]
+        assert len(raylets) == 2 and len(set(cluster.nodes)) == 2, (raylets, cluster.nodes)
+        addresses = _listening_addresses(pids)
+        assert addresses and addresses <= LOOPBACK, addresses
+        for raylet in raylets:
+            assert b"RAY_USAGE_STATS_ENABLED=0" in Path(f"/proc/{raylet}/environ").read_bytes()
+        run = subprocess.run(
+            [sys.executable, "-m", "fxscore.cli", "run", str(SAMPLE_DATA), "-m", str(model_path),
+             "--out", str(out), "--ray", cluster.address, "--ray-actors", "2", "--threads", "1",
+             "--ray-batch-size", "4", "-q"],
+            env=cluster.env, capture_output=True, text=True, timeout=600)
+        actors = cluster.actors()
+    assert run.returncode == (3 if any(r[6] for r in expected) else 0), run.stderr[-4000:]
+    assert read_rows(out) == expected
+    # The scoring pool, from the GCS actor table (its actors are dead by now; each keeps the
+    # node it ran on): two actors, one on each node, as 1 CPU per node and per actor forces.
+    pool = [a for a in actors if "ScoreActor" in a["class"]]
+    assert len(pool) == 2 and {a["node"] for a in pool} == set(cluster.nodes), actors
+    assert not cluster.left(), cluster.left()
