@@ -256,7 +256,10 @@ def ray_cluster(address: str = LOCAL, *, cpus: int | None = None) -> Iterator[An
         what = ("start a local Ray cluster" if address == LOCAL
                 else f"join the Ray cluster at {address}")
         hint = "" if address == LOCAL else (
-            "; start one with `ray start --head`, or use --ray local")
+            "; start one with `ray start --head`, or use --ray local" + (
+                "; if it uses token authentication, set RAY_AUTH_MODE=token and its token "
+                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token) here too"
+                if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else ""))
         raise RunError(f"cannot {what}: {_first_line(e)}{hint}") from None
     try:
         yield ray
