@@ -242,3 +242,27 @@ def test_every_split_is_read_as_the_scorer_reads(tmp_path, monkeypatch):
     fit(config(tmp_path / "run", epochs=1, limit_per_class=4))
     assert sorted(seen) == [("decode test", (32, 32)), ("decode train", (32, 32)),
                             ("decode val", (32, 32))]
+
+
+@pytest.mark.parametrize("name", [b"\xff\xfe-not-utf8.png", b"=HYPERLINK(1).png"])
+def test_odd_file_names_are_written_to_data_csv_as_fxscore_writes_csv(tmp_path, name):
+    """A file name that is not UTF-8 (or looks like a formula) neither crashes the run nor
+    reaches data.csv raw: it is written and read back through fxscore.csvsafe."""
+    import os
+
+    from fxscore import csvsafe
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("fractured", "not fractured"):
+            files = sorted((SAMPLE / split / cls).iterdir())[:4]
+            (data / split / cls).mkdir(parents=True)
+            for f in files:
+                shutil.copy(f, data / split / cls / f.name)
+    odd = os.fsdecode(name)
+    victim = next((data / "train" / "fractured").iterdir())
+    victim.rename(victim.with_name(odd))
+    result = fit(config(tmp_path / "run", data=str(data), epochs=1, limit_per_class=None))
+    with (result.out / "data.csv").open(newline="", encoding="utf-8") as f:
+        files = [r["file"] for r in csvsafe.read_dicts(f)]
+    assert f"train/fractured/{odd}" in files and len(files) == 16

@@ -111,7 +111,9 @@ def fingerprint(layout: Layout) -> tuple[str, list[dict]]:
                          "sha256": sha256_file(s.path)})
     digest = hashlib.sha256()
     for r in sorted(rows, key=lambda r: r["file"]):
-        digest.update(f"{r['file']}\t{r['bytes']}\t{r['sha256']}\n".encode())
+        # surrogateescape: a name that is not UTF-8 hashes as its bytes instead of crashing
+        digest.update(f"{r['file']}\t{r['bytes']}\t{r['sha256']}\n".encode("utf-8",
+                                                                           "surrogateescape"))
     return digest.hexdigest(), rows
 
 

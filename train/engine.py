@@ -29,6 +29,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from fxscore import csvsafe
 from fxscore.contract import Preprocess
 from fxscore.cpus import available_cpus
 
@@ -318,10 +319,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
 
     out.mkdir(parents=True, exist_ok=True)
     say = RunLog(out / "train.log", log)
-    with (out / "data.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, ("split", "file", "target", "bytes", "sha256"))
-        w.writeheader()
-        w.writerows(files)
+    # Through csvsafe like every CSV fxscore writes: a file name that is not UTF-8, or one
+    # that starts like a spreadsheet formula, must not crash the run or run in a spreadsheet.
+    columns = ("split", "file", "target", "bytes", "sha256")
+    with (out / "data.csv").open("w", newline="", encoding="utf-8") as f:
+        csvsafe.write_rows(f, columns, ([row[c] for c in columns] for row in files))
     write_config(cfg, out / "config.json", data_fingerprint=digest,
                  class_names=list(layout.class_names), positive_class=cfg.positive_class,
                  preprocess=params.to_dict(), device=str(device),
