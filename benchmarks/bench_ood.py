@@ -15,8 +15,13 @@ the validation images alone, threshold out of fold). Then the flag is measured o
     and extreme-aspect images (a real radiograph squashed to 8:1 and 1:8, noise strips),
   * sample_data's phantoms (drawn bones, not X-rays).
 
-Printed: ROC-AUC of the OOD score for radiograph vs not (goal >= 0.95) overall and per kind,
-the share of each kind flagged at the embedded threshold, and the false-flag rate on the test
+Every input is scored as `fxscore run` scores it (`scoring.score_items`; the synthetic images
+are written as 16-bit PNG files first), so the flag is the rows' `ood` column, the colour rule
+included: a colour image is flagged whatever its distance.
+
+Printed: ROC-AUC for radiograph vs not (goal >= 0.95) overall and per kind, with the colour
+rule (colour inputs ranked above every distance, as the flag treats them) and without it (the
+distance alone), the share of each kind flagged, and the false-flag rate on the test
 radiographs (goal <= 2%) with a 95% interval resampling near-duplicate groups. The DICOM
 radiographs (CR/DX test files) are listed apart: they are radiographs of other sites.
 
@@ -30,7 +35,6 @@ CLEAN/train only (the packaged model was: scripts/make_default_model.sh).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -44,50 +48,55 @@ from PIL import Image
 
 from fxscore import metrics
 from fxscore.files import find_images
-from fxscore.graph_outputs import OOD_SCORE, PROBABILITY
 from fxscore.images import ImageReadError, image_info, read_image
 from fxscore.model import load_model, packaged_model
-from fxscore.preprocess import preprocess, resize
-from fxscore.scoring import model_input
+from fxscore.preprocess import resize
+from fxscore.scoring import score_items
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 32
 
 
 class Scorer:
-    """Collects (kind, name, ood score, probability) for inputs: files or intensity arrays."""
+    """Collects (kind, name, ood score, ood flag, colour, probability) for inputs (files, or
+    intensity arrays written as 16-bit PNG under `tmp`), scored as `fxscore run` scores them."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, tmp: Path) -> None:
         self.model = model
+        self.tmp = tmp
         self.rows: list[dict] = []
         self.unreadable: dict[str, int] = defaultdict(int)
-        self._pending: list[tuple[str, str, np.ndarray]] = []
+        self._items: list[tuple[str, str, Path]] = []
 
     def add_file(self, kind: str, path: Path, name: str | None = None) -> None:
-        try:
-            x = model_input(path, self.model.meta.preprocess)
-        except (ImageReadError, OSError):
-            self.unreadable[kind] += 1
-            return
-        self._push(kind, name or str(path), x)
+        self._items.append((kind, name or str(path), Path(path)))
 
     def add_array(self, kind: str, name: str, image: np.ndarray) -> None:
-        self._push(kind, name, preprocess(image.astype(np.float32), self.model.meta.preprocess))
-
-    def _push(self, kind: str, name: str, x: np.ndarray) -> None:
-        self._pending.append((kind, name, x))
-        if len(self._pending) >= BATCH:
-            self.flush()
+        path = self.tmp / f"{len(self._items):05d}-{name}.png"
+        grey = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+        Image.fromarray(grey).save(path)
+        self.add_file(kind, path, name)
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        out = self.model.predict_with(np.stack([x for *_, x in self._pending]),
-                                      (PROBABILITY, OOD_SCORE))
-        for (kind, name, _), s, p in zip(self._pending, out[OOD_SCORE], out[PROBABILITY]):
-            self.rows.append({"kind": kind, "name": name, "ood_score": float(s),
-                              "probability": float(p)})
-        self._pending.clear()
+        rows = score_items(self.model, [(name, p) for _, name, p in self._items],
+                           batch_size=BATCH)
+        for (kind, _, _), row in zip(self._items, rows):  # rows come in input order
+            if row["error"]:
+                self.unreadable[kind] += 1
+                continue
+            self.rows.append({"kind": kind, "name": row["path"],
+                              "ood_score": float(row["ood_score"]), "ood": bool(row["ood"]),
+                              "colour": bool(row.get("_colour")),
+                              "probability": float(row["probability"])})
+        self._items.clear()
+
+
+COLOUR_RANK = 1e30  # above any distance (roc_auc refuses infinite scores)
+
+
+def ranked(rows: list[dict], rule: bool) -> np.ndarray:
+    """The score the flag ranks by: with the colour rule a colour input above any distance."""
+    return np.array([COLOUR_RANK if rule and r["colour"] else r["ood_score"] for r in rows])
 
 
 def is_colour(path: Path) -> bool:
@@ -201,7 +210,8 @@ def main() -> int:
                  "--ood-fit VAL`")
     ood = model.meta.ood
     threshold = float(ood["threshold"])
-    s = Scorer(model)
+    synthetic_dir = tempfile.TemporaryDirectory()
+    s = Scorer(model, Path(synthetic_dir.name))
 
     from fxscore.split import read_manifest
 
@@ -241,34 +251,39 @@ def main() -> int:
     for _, p in find_images(REPO / "sample_data"):
         s.add_file("sample_data phantoms", p)
     s.flush()
+    synthetic_dir.cleanup()
 
     rows = s.rows
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_kind[r["kind"]].append(r)
-    inside = np.array([r["ood_score"] for r in by_kind["test radiographs"]])
+    test_rows = by_kind["test radiographs"]
     radiograph_kinds = {"test radiographs", "DICOM radiograph (CR/DX)"}
     outside = [r for r in rows if r["kind"] not in radiograph_kinds]
-    out_scores = np.array([r["ood_score"] for r in outside])
-    y = np.r_[np.zeros(len(inside)), np.ones(len(out_scores))]
-    auc = metrics.roc_auc(y, np.r_[inside, out_scores])
-    flags = inside > threshold
-    g = np.array([groups.get(r["name"], r["name"]) for r in by_kind["test radiographs"]])
+
+    def auc_of(others: list[dict], rule: bool) -> float:
+        y = np.r_[np.zeros(len(test_rows)), np.ones(len(others))]
+        return metrics.roc_auc(y, np.r_[ranked(test_rows, rule), ranked(others, rule)])
+
+    auc, auc_distance = auc_of(outside, True), auc_of(outside, False)
+    flags = np.array([r["ood"] for r in test_rows], dtype=bool)
+    g = np.array([groups.get(r["name"], r["name"]) for r in test_rows])
     res = {"model_id": model.model_id, "ood": ood, "threshold": threshold,
-           "test_radiographs": int(len(inside)), "false_flags": int(flags.sum()),
+           "test_radiographs": len(test_rows), "false_flags": int(flags.sum()),
            "false_flag_rate": float(flags.mean()),
            "false_flag_rate_ci": group_interval(flags, g) if len(g) else None,
-           "not_radiographs": int(len(out_scores)), "roc_auc": auc,
-           "flagged_not_radiographs": float(np.mean(out_scores > threshold)),
+           "not_radiographs": len(outside), "roc_auc": auc,
+           "roc_auc_distance_only": auc_distance,
+           "flagged_not_radiographs": float(np.mean([r["ood"] for r in outside])),
            "unreadable": dict(s.unreadable), "kinds": {}}
     for kind, rs in sorted(by_kind.items()):
-        sc = np.array([r["ood_score"] for r in rs])
-        entry = {"n": len(rs), "flagged": float(np.mean(sc > threshold)),
-                 "median_score": float(np.median(sc)),
+        entry = {"n": len(rs), "flagged": float(np.mean([r["ood"] for r in rs])),
+                 "colour": int(sum(r["colour"] for r in rs)),
+                 "median_score": float(np.median([r["ood_score"] for r in rs])),
                  "median_probability": float(np.median([r["probability"] for r in rs]))}
         if kind != "test radiographs":
-            entry["roc_auc_vs_test"] = metrics.roc_auc(
-                np.r_[np.zeros(len(inside)), np.ones(len(sc))], np.r_[inside, sc])
+            entry["roc_auc_vs_test"] = auc_of(rs, True)
+            entry["roc_auc_vs_test_distance_only"] = auc_of(rs, False)
         res["kinds"][kind] = entry
     res["seconds"] = round(time.perf_counter() - started, 1)
 
@@ -278,15 +293,20 @@ def main() -> int:
     print(f"OOD flag of model {model.model_id}: fit on {ood['fit_images']} images (left out: "
           f"{ood.get('excluded') or 'none'}), threshold {threshold:.3f} at a "
           f"{ood['false_flag_rate']:.0%} false-flag rate, chosen {how}")
-    print(f"  radiograph vs not: ROC-AUC {auc:.4f} ({len(inside)} test radiographs, "
-          f"{len(out_scores)} other inputs; goal >= 0.95)")
-    print(f"  false flags on test radiographs: {flags.sum()}/{len(inside)} = "
+    print(f"  features: {ood.get('feature', 'pooled')} ({ood.get('dim')} dimensions)")
+    print(f"  radiograph vs not: ROC-AUC {auc:.4f} with the colour rule, {auc_distance:.4f} "
+          f"by distance alone ({len(test_rows)} test radiographs, {len(outside)} other "
+          "inputs; goal >= 0.95)")
+    print(f"  false flags on test radiographs: {flags.sum()}/{len(test_rows)} = "
           f"{flags.mean():.2%} [{ffr_ci[0]:.2%}, {ffr_ci[1]:.2%}] (goal <= 2%)")
-    print(f"  {'kind':<34} {'n':>5} {'flagged':>8} {'AUC':>7} {'median p':>9}")
+    print(f"  {'kind':<34} {'n':>5} {'colour':>6} {'flagged':>8} {'AUC':>7} {'AUC dist':>8} "
+          f"{'median p':>9}")
     for kind, e in res["kinds"].items():
         auc_k = f"{e['roc_auc_vs_test']:.3f}" if "roc_auc_vs_test" in e else "-"
-        print(f"  {kind:<34} {e['n']:>5} {e['flagged']:>8.1%} {auc_k:>7} "
-              f"{e['median_probability']:>9.3f}")
+        auc_d = (f"{e['roc_auc_vs_test_distance_only']:.3f}" if "roc_auc_vs_test" in e
+                 else "-")
+        print(f"  {kind:<34} {e['n']:>5} {e['colour']:>6} {e['flagged']:>8.1%} {auc_k:>7} "
+              f"{auc_d:>8} {e['median_probability']:>9.3f}")
     if s.unreadable:
         print(f"  unreadable (not scored, error rows in a run): {dict(s.unreadable)}")
     print(f"  ({res['seconds']} s)")

@@ -154,10 +154,11 @@ def explain_bytes(model: "Model", data: bytes, *, name: str = "image",
                           max_side)
     heat = upsample(normalise(cells), shown.shape)
     score = flag = None
-    if OOD_SCORE in out:
-        from .ood import ood_cells
+    if OOD_SCORE in out:  # the same flag as `fxscore run`'s, the colour rule included
+        from .ood import colour_input, ood_cells
 
-        score, flag = ood_cells(float(out[OOD_SCORE][0]), float(model.meta.ood["threshold"]))
+        score, flag = ood_cells(float(out[OOD_SCORE][0]), float(model.meta.ood["threshold"]),
+                                colour_input(io.BytesIO(data), name))
     return Explanation(probability=p, label=model.label(p), cells=cells, heat=heat,
                        image=shown, overlay=overlay(shown, heat),
                        sha256=hashlib.sha256(data).hexdigest(), ood_score=score, ood=flag)

@@ -13,16 +13,19 @@ features and the head's weights and bias (initializers, or DequantizeLinear of i
 a graph whose head was quantised), stepping over QuantizeLinear/DequantizeLinear pairs, so it
 works on fp32 graphs and int8 QDQ graphs alike. `augment` adds the two tensors as named graph
 outputs (through Identity nodes, so the names are fixed whatever the exporter called them),
-stores the head in the contract (`cam`: weights, bias, cell grid) and, given OOD statistics,
-adds the Mahalanobis distance of the pooled features as a third output:
+stores the head in the contract (`cam`: weights, bias, cell grid), on a ResNet-like graph adds
+`ood_features` (`find_stages`, `add_ood_features`: per-channel spatial mean and std of the
+stem, the second stage and the feature map, what OOD statistics are fit on) and, given OOD
+statistics, adds the Mahalanobis distance of the features they were fit on (`ood_features`,
+or `pooled` for statistics with `feature: "pooled"`) as an output:
 
-    ood_score = sqrt(sum(((pooled - mean) @ W) ** 2, axis=1)),  W = V diag(1/sqrt(lambda))
+    ood_score = sqrt(sum(((features - mean) @ W) ** 2, axis=1)),  W = V diag(1/sqrt(lambda))
 
 with V, lambda the eigenvectors and eigenvalues of the shrunk covariance; mean and W are graph
 initializers, covered by the model's digest like every weight. Nothing in front of the pooling
 changes, so the probability is bit-identical to the source model's (tested), and the int8
-cross-CPU rule (exact integer kernels, float head) covers the feature map too: it is the
-dequantised output of the last integer block.
+cross-CPU rule (exact integer kernels, float head) covers the feature map and the stage
+tensors too: each is the dequantised output of an integer block, as the next layer reads it.
 
 Needs the `onnx` package (a core dependency, torch-free); imported only here, not on the
 scoring path.
@@ -36,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .contract import ModelMeta
-from .graph_outputs import FEATURE_MAP, OOD_SCORE, POOLED, PROBABILITY
+from .graph_outputs import (FEATURE_MAP, OOD_FEATURES, OOD_SCORE, POOLED, PROBABILITY,
+                            STATS_FEATURE)
 
 if TYPE_CHECKING:
     import os
@@ -245,26 +249,169 @@ def _opset(proto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _inferred_shape(proto, tensor: str) -> list[Any] | None:
-    """The tensor's shape from onnx's shape inference, dims as int or str; None if unknown."""
+def _inferred_shapes(proto) -> dict[str, list[Any]]:
+    """tensor -> shape from onnx's shape inference, dims as int or str (or None if unknown)."""
     import onnx
 
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - shape inference is a nicety here
-        return None
+        return {}
     g = inferred.graph
-    for vi in [*g.value_info, *g.output, *g.input]:
-        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
-            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                    for d in vi.type.tensor_type.shape.dim]
-    return None
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in vi.type.tensor_type.shape.dim]
+            for vi in [*g.input, *g.output, *g.value_info]
+            if vi.type.tensor_type.HasField("shape")}
+
+
+def _inferred_shape(proto, tensor: str) -> list[Any] | None:
+    """The tensor's shape from onnx's shape inference, dims as int or str; None if unknown."""
+    return _inferred_shapes(proto).get(tensor)
+
+
+# ---------------------------------------------------------------------------- OOD features
+
+# Ops a block's output passes through before the next layer reads it: the ReLU after a
+# residual Add (fp32 graphs) or the QuantizeLinear/DequantizeLinear pair an int8 QDQ graph
+# has there instead (uint8, zero point 0: the ReLU is the quantisation's clip).
+READ_THROUGH = ("Relu",) + QDQ_OPS
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The tensors the OOD statistics read (`find_stages`), as the next layer reads them."""
+
+    stem: str  # the first MaxPool's output
+    stage2: str  # the last residual join of the second resolution stage
+    final: str  # the feature map in front of the global pooling
+    channels: tuple[int, int, int]
+
+    @property
+    def tensors(self) -> tuple[str, str, str]:
+        return self.stem, self.stage2, self.final
+
+    @property
+    def dim(self) -> int:
+        return 2 * sum(self.channels)  # a mean and a std per channel
+
+
+def _read_tensor(graph, name: str) -> str:
+    """Follow `name` forward while its only consumer is a ReLU or a Q/DQ node: the tensor
+    the next layer reads (what the int8 kernels compute exactly)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    for _ in range(len(graph.node)):
+        nodes = consumers.get(name, [])
+        if len(nodes) != 1 or nodes[0].op_type not in READ_THROUGH:
+            return name
+        name = nodes[0].output[0]
+    return name
+
+
+def find_stages(proto: "onnx.ModelProto", head: Head) -> Stages | None:
+    """The stem, middle stage and final feature map of a ResNet-like graph, or None.
+
+    Rule: the stem is the first MaxPool's output; the residual joins (Adds of two computed
+    tensors) after it are grouped into stages by spatial size, in graph order; the graph
+    qualifies when there are at least three stages and the last join is the feature map the
+    head pools. "stage2" is then the last join of the second stage (ResNet18: `max_pool2d`,
+    `relu_8`, `relu_16`). Any other graph gets None: its OOD statistics read the pooled
+    features alone, as before.
+    """
+    g = _Graph(proto.graph)
+    nodes = [n for n in proto.graph.node if not n.name.startswith(PREFIX)]
+    pools = [i for i, n in enumerate(nodes) if n.op_type == "MaxPool"]
+    if not pools:
+        return None
+    shapes = _inferred_shapes(proto)
+    stem = _read_tensor(proto.graph, nodes[pools[0]].output[0])
+    joins = [_read_tensor(proto.graph, n.output[0]) for n in nodes[pools[0]:]
+             if n.op_type == "Add" and len(n.input) == 2
+             and all(g.constant(i) is None for i in n.input)]
+    stages: list[list[str]] = []
+    for t in joins:
+        shape = shapes.get(t)
+        if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+            return None
+        if stages and shapes[stages[-1][-1]][2:] == shape[2:]:
+            stages[-1].append(t)
+        else:
+            stages.append([t])
+    if len(stages) < 3 or stages[-1][-1] != head.feature_map:
+        return None
+    tensors = (stem, stages[1][-1], head.feature_map)
+    channels = [shapes.get(t, [None] * 4)[1] if len(shapes.get(t, [])) == 4 else None
+                for t in tensors]
+    if not all(isinstance(c, int) and c > 0 for c in channels):
+        return None
+    return Stages(*tensors, channels=tuple(channels))  # type: ignore[arg-type]
+
+
+def add_ood_features(proto: "onnx.ModelProto", head: Head) -> tuple[str, int] | None:
+    """Add `ood_features` (per-channel spatial mean and std of `find_stages`' tensors,
+    concatenated: [N, 2 (c_stem + c_stage2 + c_final)]) to `proto` in place (idempotent).
+
+    std = sqrt(max(E[x^2] - E[x]^2, 0)) (population std over H x W; the max guards the
+    rounding of a constant channel). Returns (output name, dim), or None for a graph without
+    that structure.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    stages = find_stages(proto, head)
+    if stages is None:
+        return None
+    if any(o.name == OOD_FEATURES for o in graph.output) and any(
+            n.name.startswith(PREFIX + "stats_") for n in graph.node):
+        return OOD_FEATURES, stages.dim  # added before
+    taken = {t for n in graph.node for t in (*n.input, *n.output)} | {
+        o.name for o in graph.output} | {i.name for i in graph.initializer} | {
+        i.name for i in graph.input}
+
+    def name(key: str) -> str:
+        return _unique(taken, PREFIX + "stats_" + key)
+
+    reduce_in: list[str] = []
+    reduce_kw: dict[str, Any] = {"keepdims": 0}
+    if _opset(proto) >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+        axes = name("axes")
+        graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), axes))
+        reduce_in.append(axes)
+    else:
+        reduce_kw["axes"] = [2, 3]
+    parts: list[str] = []
+    for label, t in zip(("stem", "stage2", "final"), stages.tensors):
+        mean, sq, mean_sq, sq_mean, var, pos, std = (name(f"{label}_{k}") for k in (
+            "mean", "sq", "mean_sq", "sq_mean", "var", "var_pos", "std"))
+        graph.node.extend([
+            helper.make_node("ReduceMean", [t, *reduce_in], [mean], name=mean, **reduce_kw),
+            helper.make_node("Mul", [t, t], [sq], name=sq),
+            helper.make_node("ReduceMean", [sq, *reduce_in], [mean_sq], name=mean_sq,
+                             **reduce_kw),
+            helper.make_node("Mul", [mean, mean], [sq_mean], name=sq_mean),
+            helper.make_node("Sub", [mean_sq, sq_mean], [var], name=var),
+            helper.make_node("Relu", [var], [pos], name=pos),
+            helper.make_node("Sqrt", [pos], [std], name=std)])
+        parts += [mean, std]
+    out = _unique(taken, OOD_FEATURES)
+    graph.node.append(helper.make_node("Concat", parts, [out], axis=1, name=name("concat")))
+    graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                      [_batch_dim(graph), stages.dim]))
+    return out, stages.dim
+
+
+def _batch_dim(graph) -> Any:
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    return batch.dim_param or "N" if not batch.HasField("dim_value") else batch.dim_value
 
 
 def add_explain_outputs(proto: "onnx.ModelProto") -> tuple[dict[str, str], dict[str, Any], Head]:
     """Add `feature_map` and `pooled` outputs to `proto` in place (idempotent).
 
-    Returns (contract `outputs`, contract `cam`, the head found).
+    A ResNet-like graph also gets `ood_features` (`add_ood_features`), what OOD statistics
+    are fit on. Returns (contract `outputs`, contract `cam`, the head found).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -301,6 +448,9 @@ def add_explain_outputs(proto: "onnx.ModelProto") -> tuple[dict[str, str], dict[
                                            name=_unique(taken, PREFIX + role)))
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
         outputs[role] = name
+    features = add_ood_features(proto, head)
+    if features is not None:
+        outputs[OOD_FEATURES] = features[0]
     cells = [int(d) for d in fm_shape[2:]] if fm_shape and all(
         isinstance(d, int) and d > 0 for d in fm_shape[2:]) else None
     cam: dict[str, Any] = {"weights": [float(v) for v in head.weights], "bias": head.bias}
@@ -352,9 +502,8 @@ def add_ood_output(proto: "onnx.ModelProto", pooled: str, mean: np.ndarray,
         helper.make_node("ReduceSum", reduce_in, [names["ood_d2"]], name=PREFIX + "ood_sum",
                          **reduce_kw),
         helper.make_node("Sqrt", [names["ood_d2"]], [out], name=PREFIX + "ood_sqrt")])
-    batch = graph.input[0].type.tensor_type.shape.dim[0]
-    batch_dim = batch.dim_param or "N" if not batch.HasField("dim_value") else batch.dim_value
-    graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim]))
+    graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                      [_batch_dim(graph)]))
     onnx.checker.check_model(proto)
     return out
 
@@ -390,11 +539,12 @@ def augment(data: bytes, meta: ModelMeta, *, ood: "OodStats | None" = None
     outputs, cam, head = add_explain_outputs(proto)
     extra: dict[str, Any] = {}
     if ood is not None:
-        if len(ood.mean) != len(head.weights):
-            raise ValueError(f"OOD statistics have {len(ood.mean)} features, the model's head "
-                             f"reads {len(head.weights)}")
-        pooled_output = outputs[POOLED]
-        outputs[OOD_SCORE] = add_ood_output(proto, pooled_output, ood.mean, ood.whitening())
+        source = _ood_source(proto, head, outputs, ood.feature)
+        if len(ood.mean) != source[1]:
+            raise ValueError(f"OOD statistics have {len(ood.mean)} features, the model's "
+                             f"{ood.feature} features have {source[1]}; fit them again with "
+                             "this model (`fxscore augment --ood-fit`)")
+        outputs[OOD_SCORE] = add_ood_output(proto, source[0], ood.mean, ood.whitening())
         extra["ood"] = ood.contract()
     elif meta.ood:
         # Statistics stay with the graph they were fit on; re-augmenting without new ones
@@ -403,6 +553,19 @@ def augment(data: bytes, meta: ModelMeta, *, ood: "OodStats | None" = None
         extra["ood"] = meta.ood
     new_meta = dataclasses.replace(meta, outputs=outputs, cam=cam, **extra)
     return embed_bytes(proto.SerializeToString(), new_meta), new_meta
+
+
+def _ood_source(proto, head: Head, outputs: dict[str, str], feature: str) -> tuple[str, int]:
+    """(graph output, dim) that OOD statistics of layout `feature` measure a distance on."""
+    if feature == "pooled":
+        return outputs[POOLED], len(head.weights)
+    if feature == STATS_FEATURE and OOD_FEATURES in outputs:
+        stages = find_stages(proto, head)
+        if stages is not None:
+            return outputs[OOD_FEATURES], stages.dim
+    raise ValueError(f"OOD statistics of features {feature!r} do not fit this graph (it has "
+                     f"{'no ' if OOD_FEATURES not in outputs else ''}{OOD_FEATURES} output); "
+                     "fit them with this model (`fxscore augment --ood-fit`)")
 
 
 def augment_file(source: "str | os.PathLike[str]", out: "str | os.PathLike[str]", *,

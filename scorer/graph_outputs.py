@@ -6,21 +6,26 @@ An fxscore graph always returns the probability of the positive class as its fir
 - `feature_map`: the last convolutional feature map, the input of the global average pooling
   in front of the linear head, float32 [N, K, h, w] (ResNet18: K = 512, h = w = input size / 32);
 - `pooled`: the pooled features the head reads, float32 [N, K];
-- `ood_score` (when OOD statistics were fit): the Mahalanobis distance of `pooled` to the
-  training images' features, float32 [N] (`fxscore.ood`).
+- `ood_features` (ResNet-like graphs, `explain_graph.find_stages`): what OOD statistics are
+  fit on, the per-channel spatial mean and std of the stem, the second stage's output and the
+  feature map, concatenated, float32 [N, D] (ResNet18: D = 2 (64 + 128 + 512) = 1408);
+- `ood_score` (when OOD statistics were fit): the Mahalanobis distance of `ood_features` (or,
+  for graphs without them and older models, of `pooled`: the contract's `ood.feature` says
+  which) to the training images' features, float32 [N] (`fxscore.ood`).
 
 Three optional keys of contract version 2 describe them; a model without them scores as before:
 
     "outputs": {"probability": "probability", "feature_map": "feature_map",
-                "pooled": "pooled", "ood_score": "ood_score"}        # role -> graph output name
+                "pooled": "pooled", "ood_features": "ood_features",
+                "ood_score": "ood_score"}                            # role -> graph output name
     "cam": {"weights": [K numbers], "bias": number, "cells": [h, w]} # the head: logit = w.pooled + b
     "ood": {"threshold": number > 0, "false_flag_rate": number in (0, 1), "fit_images": int,
-            "holdout_images": int, ...}                              # see fxscore.ood
+            "holdout_images": int, "feature": "pooled" | STATS_FEATURE, ...}  # fxscore.ood
 
 Scoring asks onnxruntime only for the outputs a run needs (`run_outputs`), so a run without
 heatmaps or OOD flag fetches what it fetched before. (onnxruntime still executes the nodes of
-an unrequested output; the OOD branch is one 512 x 512 product per image, measured in the
-README as no change in run time.) This module imports neither onnx nor torch.
+an unrequested output; the OOD branch is a few reductions and one D x D product per image.)
+This module imports neither onnx nor torch.
 """
 from __future__ import annotations
 
@@ -33,7 +38,12 @@ if TYPE_CHECKING:
     from .model import Model
 
 PROBABILITY, FEATURE_MAP, POOLED, OOD_SCORE = "probability", "feature_map", "pooled", "ood_score"
-ROLES = (PROBABILITY, FEATURE_MAP, POOLED, OOD_SCORE)
+OOD_FEATURES = "ood_features"
+ROLES = (PROBABILITY, FEATURE_MAP, POOLED, OOD_SCORE, OOD_FEATURES)
+# The contract's ood.feature for statistics fit on `ood_features` (ResNet-like graphs:
+# per-channel spatial mean and std of the stem, the second stage and the feature map);
+# "pooled" for statistics fit on the pooled features (other graphs, and older models).
+STATS_FEATURE = "mean,std:stem,stage2,final"
 OPTIONAL_KEYS = ("outputs", "cam", "ood")  # contract keys this module defines
 MAX_FEATURES = 1 << 16  # a head reading more features than this is not an fxscore CNN
 # What to do when a model lacks an output: named in every error.
@@ -149,8 +159,8 @@ def run_outputs(model: "Model", batch: np.ndarray, roles: Sequence[str]) -> dict
     """Run `model` on an NCHW float32 batch, fetching only `roles` -> {role: array}.
 
     The probability is checked exactly as `Model.predict` checks it (shape [N], in [0, 1]);
-    a feature map must be [N, K, h, w] and finite, pooled features [N, K], an OOD score [N]
-    and non-negative: anything else is a `ModelError`, as a broken probability is.
+    a feature map must be [N, K, h, w] and finite, pooled or OOD features [N, K], an OOD score
+    [N] and non-negative: anything else is a `ModelError`, as a broken probability is.
     """
     from .model import ModelError
 
@@ -165,7 +175,7 @@ def run_outputs(model: "Model", batch: np.ndarray, roles: Sequence[str]) -> dict
         if role == PROBABILITY:
             out[role] = model.check_probabilities(value, n)
             continue
-        want = {FEATURE_MAP: 4, POOLED: 2, OOD_SCORE: 1}[role]
+        want = {FEATURE_MAP: 4, POOLED: 2, OOD_FEATURES: 2, OOD_SCORE: 1}[role]
         if role == OOD_SCORE and value.ndim == 2 and value.shape[1:] == (1,):
             value = value.reshape(n)
         if value.ndim != want or value.shape[0] != n:

@@ -1,15 +1,35 @@
 """The out-of-distribution flag: how unlike the images the model was made for an input is.
 
-    stats = fit_ood(model, train_files, holdout=val_files)   # torch-free; needs a pooled output
+    stats = fit_ood(model, train_files, holdout=val_files)   # torch-free; an augmented model
     data, meta = explain_graph.augment(model_bytes, model.meta, ood=stats)   # embed
     ... each scored row then gets ood_score (a distance) and ood (true/false)
 
-Score: the Mahalanobis distance of the model's pooled features (the 512 numbers ResNet18's
-head reads) to the mean of the fit images' features, under a Ledoit-Wolf shrunk covariance
-(a few hundred or thousand images estimate a 512 x 512 covariance poorly; shrinking towards a
-scaled identity keeps it invertible and well conditioned, with the amount chosen from the data).
-The distance is computed inside the graph (`explain_graph.add_ood_output`), so the statistics
-are weights covered by the model's digest, and `mahalanobis` here is its numpy reference.
+Features: on a ResNet-like graph, the per-channel spatial mean and standard deviation of
+three tensors, concatenated (the graph's `ood_features` output, `explain_graph.find_stages`):
+the stem (the first MaxPool's output), the end of the second residual stage and the last
+feature map; ResNet18: 2 (64 + 128 + 512) = 1408 numbers. Early layers see the texture and
+contrast that tell a radiograph from a phantom, a gradient or a figure, which the pooled
+features of the last layer, made to tell fractures apart, mostly average away (measured on
+`benchmarks/bench_ood.py`: ROC-AUC 0.937 against 0.911 for the pooled features alone). A graph
+without that structure, and every model fit before, uses the pooled features (the 512 numbers
+ResNet18's head reads); the contract's `ood.feature` says which ("pooled" or
+`graph_outputs.STATS_FEATURE`), and the fit reads them through the graph itself, so fit and
+scorer measure the same numbers.
+
+Score: the Mahalanobis distance of those features to the mean of the fit images' features,
+under a Ledoit-Wolf shrunk covariance (a few hundred or thousand images estimate a 1408 x 1408
+covariance poorly; shrinking towards a scaled identity keeps it invertible and well
+conditioned, with the amount chosen from the data). The distance is computed inside the graph
+(`explain_graph.add_ood_output`), so the statistics are weights covered by the model's digest,
+and `mahalanobis` here is its numpy reference.
+
+The colour rule: a scored image that shows real colour (`colour_input`: the same test that
+leaves colour images out of the fit) is flagged `ood` whatever its distance; its `ood_score`
+stays the distance. The model reads luma only, so a coloured figure can sit close to the fit
+images in feature space, yet no radiograph is in colour: the fit excluded them, and nothing
+says the model was validated on one. `fxscore run` and `eval` apply it (`scoring.score_batches`
+checks colour only for a model with OOD statistics, decoding only files stored in colour);
+error rows keep empty OOD cells and a model without statistics is unchanged.
 
 Fit: the mean and covariance on the training images and the threshold on the validation
 images (held out from the fit, unseen in training, like the images the model will score), at
@@ -27,8 +47,8 @@ Left out of the fit: colour images (`images.image_info(decode=True)["has_colour"
 figures, photos; the audit's shortcut flag), so the flag does not learn them as normal, and
 files that cannot be read. What is excluded is counted in the stats.
 
-What a flag means: the input's features are further from the fit images' than all but `rate`
-of the held-out images. It does not say the probability is wrong, only that
+What a flag means: the input is in colour, or its features are further from the fit images'
+than all but `rate` of the held-out images. It does not say the probability is wrong, only that
 the model was not validated on anything like it; rows keep their probability and label.
 """
 from __future__ import annotations
@@ -36,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -66,6 +86,7 @@ class OodStats:
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> images left out
     holdout_flagged: float = 0.0  # share of the held-out distances above the threshold
     threshold_from: str = "out of fold"  # or "held-out images"
+    feature: str = "pooled"  # the features measured: graph_outputs.STATS_FEATURE or "pooled"
 
     def whitening(self) -> np.ndarray:
         """W with ||(x - mean) @ W|| = Mahalanobis distance: V diag(1 / sqrt(lambda))."""
@@ -77,7 +98,7 @@ class OodStats:
     def contract(self) -> dict[str, Any]:
         """The contract's `ood` key: threshold and how it was chosen (the matrices are graph
         initializers)."""
-        return {"method": METHOD, "feature": "pooled", "dim": int(len(self.mean)),
+        return {"method": METHOD, "feature": self.feature, "dim": int(len(self.mean)),
                 "threshold": float(self.threshold), "false_flag_rate": float(self.false_flag_rate),
                 "fit_images": int(self.fit_images), "holdout_images": int(self.holdout_images),
                 "holdout_flagged": round(float(self.holdout_flagged), 6),
@@ -143,8 +164,9 @@ def fold_of(key: str, folds: int) -> int:
 def fit_features(features: np.ndarray, keys: Sequence[str] | None = None, *,
                  false_flag_rate: float = FALSE_FLAG_RATE, folds: int = FOLDS,
                  excluded: dict[str, int] | None = None,
-                 holdout: np.ndarray | None = None) -> OodStats:
-    """OOD statistics from pooled features [n, K] (keys: content hashes, for the folds).
+                 holdout: np.ndarray | None = None, feature: str = "pooled") -> OodStats:
+    """OOD statistics from features [n, K] (keys: content hashes, for the folds); `feature`
+    names them for the contract (`graph_outputs.STATS_FEATURE` or "pooled").
 
     With `holdout` (features of other images, e.g. validation images when `features` are the
     training images') the threshold is chosen on the holdout's distances; otherwise out of
@@ -158,7 +180,7 @@ def fit_features(features: np.ndarray, keys: Sequence[str] | None = None, *,
         raise OodError(f"OOD statistics need at least {MIN_IMAGES} readable grey images, "
                        f"got {n}")
     if not np.isfinite(x).all():
-        raise OodError("the model's pooled features hold NaN or infinite values")
+        raise OodError("the model's OOD features hold NaN or infinite values")
     if holdout is not None:
         h = np.asarray(holdout, dtype=np.float64)
         if len(h) < MIN_IMAGES or not np.isfinite(h).all():
@@ -173,7 +195,7 @@ def fit_features(features: np.ndarray, keys: Sequence[str] | None = None, *,
                         false_flag_rate=false_flag_rate, fit_images=n, holdout_images=len(h),
                         excluded=dict(excluded or {}),
                         holdout_flagged=float(np.mean(d > threshold)),
-                        threshold_from="held-out images")
+                        threshold_from="held-out images", feature=feature)
     keys = list(keys) if keys is not None else [f"{i:08x}" for i in range(n)]
     fold = np.array([fold_of(k, folds) for k in keys])
     if len(set(fold.tolist())) < 2:  # all in one fold: fall back to positions
@@ -190,7 +212,7 @@ def fit_features(features: np.ndarray, keys: Sequence[str] | None = None, *,
     return OodStats(mean=mean, eigenvalues=values, eigenvectors=vectors, shrinkage=shrinkage,
                     threshold=threshold, false_flag_rate=false_flag_rate, fit_images=n,
                     holdout_images=n, excluded=dict(excluded or {}),
-                    holdout_flagged=float(np.mean(out_of_fold > threshold)))
+                    holdout_flagged=float(np.mean(out_of_fold > threshold)), feature=feature)
 
 
 # ---------------------------------------------------------------------------- from files
@@ -202,13 +224,14 @@ def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bo
                     ) -> tuple[np.ndarray, list[str], list[Path], dict[str, int]]:
     """(features [n, K], sha256 of each, the files used, reason -> files left out).
 
+    The features are the graph's own `ood_features` output where it has one, else its pooled
+    features (`feature_role`): the statistics are fit on exactly what the graph computes.
     Each file is read once, hashed, and fed through the scorer's reading rule
     (`scoring.model_input`); colour images are left out when `exclude_colour`.
     """
     import hashlib
     import io
 
-    from .graph_outputs import POOLED
     from .images import ImageReadError, image_info
     from .scoring import model_input
 
@@ -218,10 +241,11 @@ def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bo
     used: list[Path] = []
     batch: list[np.ndarray] = []
     params = model.meta.preprocess
+    role, _ = feature_role(model)
 
     def flush() -> None:
         if batch:
-            feats.append(model.predict_with(np.stack(batch), (POOLED,))[POOLED])
+            feats.append(model.predict_with(np.stack(batch), (role,))[role])
             batch.clear()
 
     for i, f in enumerate(files):
@@ -244,9 +268,16 @@ def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bo
         if progress:
             progress(i + 1)
     flush()
-    k = len(model.meta.cam.get("weights", [])) or 0
-    x = np.concatenate(feats) if feats else np.zeros((0, k), np.float32)
+    x = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
     return x, keys, used, excluded
+
+
+def feature_role(model: "Model") -> tuple[str, str]:
+    """(graph output role, contract ood.feature) OOD statistics of `model` are fit on."""
+    from .graph_outputs import OOD_FEATURES, POOLED, STATS_FEATURE, has_roles
+
+    return (OOD_FEATURES, STATS_FEATURE) if has_roles(model, (OOD_FEATURES,)) else (
+        POOLED, "pooled")
 
 
 def fit_ood(model: "Model", files: Iterable[Path], *, false_flag_rate: float = FALSE_FLAG_RATE,
@@ -270,17 +301,65 @@ def fit_ood(model: "Model", files: Iterable[Path], *, false_flag_rate: float = F
         excluded = {k: excluded.get(k, 0) + left_out.get(k, 0)
                     for k in {*excluded, *left_out}}
     return fit_features(x, keys, false_flag_rate=false_flag_rate, folds=folds,
-                        excluded=excluded, holdout=h)
+                        excluded=excluded, holdout=h, feature=feature_role(model)[1])
 
 
 # ---------------------------------------------------------------------------- in rows
 
 
-def ood_cells(score: float | None, threshold: float) -> tuple[float | None, bool | None]:
-    """(ood_score, ood) for a row: flagged when the distance exceeds the threshold."""
+def ood_cells(score: float | None, threshold: float, colour: bool = False
+              ) -> tuple[float | None, bool | None]:
+    """(ood_score, ood) for a row: flagged when the distance exceeds the threshold, or when
+    the image is in colour (`colour_input`; the score stays the distance)."""
     if score is None:
         return None, None
-    return float(score), bool(score > threshold)
+    return float(score), bool(colour or score > threshold)
+
+
+# images.image_info's has_colour rule (`images._has_colour`): more than this share of the
+# pixels with a channel spread above this many levels (of 255). tests/test_ood.py checks that
+# colour_input agrees with it.
+CHROMA_LEVELS = 24
+CHROMA_SHARE = 0.0001
+
+
+def colour_input(f: BinaryIO, name: str) -> bool:
+    """Whether an open image file (at offset 0; left there) shows real colour: the fit's
+    rule (`images.image_info(decode=True)["has_colour"]`), decoding the pixels only for files
+    stored in colour (RGB, palette, YCbCr; a DICOM file is colour when stored so); a grey
+    mode costs a header read. An unreadable file is not colour (reading it says why).
+    """
+    from .images import ImageReadError, image_info
+
+    try:
+        info = image_info(f, name=name)
+        if not info.get("is_colour") or info["format"] == "dicom":
+            return bool(info.get("is_colour"))
+        f.seek(0)
+        return _shows_chroma(f, name, info["format"])
+    except ImageReadError:
+        return False
+    finally:
+        f.seek(0)
+
+
+def _shows_chroma(f: BinaryIO, name: str, fmt: str) -> bool:
+    """`images._has_colour` for a Pillow format, with the channel spread taken channel by
+    channel in uint8 (max(axis=2) over a 3-wide axis made the check cost 20x the decode)."""
+    from PIL import Image
+
+    from .images import _PIL_FORMATS, _errors_described, _Plan, check_decoded
+
+    with _errors_described(name):
+        with Image.open(f, formats=[_PIL_FORMATS[fmt]]) as im:
+            plan = _Plan(im, fmt, None)
+            check_decoded(plan.decoded, name, plan.what)
+            im.load()
+            rgb = np.asarray(im.convert("RGB"))
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    spread = np.maximum(np.maximum(r, g), b)
+    spread -= np.minimum(np.minimum(r, g), b)  # uint8: max >= min, no wrap-around
+    return bool(np.count_nonzero(spread > CHROMA_LEVELS) > CHROMA_SHARE * spread.size)
 
 
 # ---------------------------------------------------------------------------- embedding

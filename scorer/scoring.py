@@ -102,6 +102,7 @@ class _Loaded(NamedTuple):
     ds: Any = None  # the DICOM header, kept only when an SR will be written from it
     excluded: str | None = None  # why it is not scored (no row is written)
     where: str = ""  # the file, for messages
+    colour: bool = False  # shows real colour (checked only for a model with OOD statistics)
 
 
 class BudgetClosed(Exception):
@@ -201,7 +202,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
     caller that scores several streams; by default this call makes its own (no process starts
     before a compressed file comes) and closes them when it ends.
     """
-    from .graph_outputs import roles_for
+    from .graph_outputs import OOD_SCORE, roles_for
 
     roles = roles_for(model) if roles is None else tuple(roles)
     if batch_size < 1:
@@ -213,6 +214,9 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
     capacity = batch_size * (prefetch + 1)
     pending: deque[tuple[str, Path, Future]] = deque()
     params = model.meta.preprocess
+    # The OOD flag's colour rule (fxscore.ood): only a run that fetches the OOD score pays for
+    # the check, and only colour-stored files need more than a header read for it.
+    colour = OOD_SCORE in roles and bool(model.meta.ood)
     workers = workers or available_cpus()
     own = isolated is None
     if own:
@@ -225,7 +229,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
                     return
                 name, path = item
                 pending.append((name, path, pool.submit(_load, path, params, budget, dicom,
-                                                        isolated)))
+                                                        isolated, colour)))
 
         try:
             fill()
@@ -237,6 +241,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
                               [(name, r.sha, "" if r.excluded else r.x)
                                for (name, *_), r in zip(batch, loaded)],
                               roles, [path for _, path, _ in batch])
+                _colour_rule(rows, loaded)
                 yield _with_dicom(model, threshold, rows, loaded, dicom)
         finally:
             for *_, fut in pending:  # an abandoned or failed run should not decode on
@@ -293,14 +298,16 @@ def estimate_nbytes(f: BinaryIO, size: int, min_size: tuple[int, int] | None = N
 
 
 def _load(path: Path, params: Preprocess, budget: MemoryBudget,
-          dicom: DicomOptions | None = None, isolated: Isolated | None = None) -> _Loaded:
+          dicom: DicomOptions | None = None, isolated: Isolated | None = None,
+          colour: bool = False) -> _Loaded:
     """Read, hash, decode and preprocess one file in a worker.
 
     A DICOM header is read first, from the open file: with `dicom`, a file it excludes is read
     no further. Compressed DICOM pixel data is decoded by `isolated`. sha256 is "" when the
     file could not be read at all; a failure comes back as its message (in place of the input).
+    With `colour`, whether the image shows real colour is found too (`_colour_of`).
     """
-    sha, extra, ds, where = "", {}, None, str(path)
+    sha, extra, ds, where, is_colour = "", {}, None, str(path), False
     try:
         with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
@@ -315,18 +322,23 @@ def _load(path: Path, params: Preprocess, budget: MemoryBudget,
                         ds = header.ds
                 extra = identifiers.dicom_columns(header.ds if header else None, dicom.columns)
             need = _estimate(f, size, params, header, where)
+            decode_colour = colour and header is None and _stored_in_colour(f, where)
+            if decode_colour:  # the check decodes at full scale, before the model's decode
+                need = max(need, estimate_nbytes(f, size, None))
             with budget.hold(need):
                 try:
                     data = f.read()
                     sha = hashlib.sha256(data).hexdigest()
                     if unreadable is not None:
                         raise unreadable  # the hash is of what was read: a fix shows
+                    if colour:
+                        is_colour = _colour_of(data, header, where, decode_colour)
                     if header is not None and isolated is not None and _compressed(header):
                         x = isolated.call(data, where, params, name=where)
                     else:
                         x = model_input(io.BytesIO(data), params, name=where)
                     del data
-                    return _Loaded(sha, x, extra, ds, where=where)
+                    return _Loaded(sha, x, extra, ds, where=where, colour=is_colour)
                 finally:
                     if need >= TRIM_ABOVE:
                         data = None
@@ -341,6 +353,43 @@ def _load(path: Path, params: Preprocess, budget: MemoryBudget,
         message = f"{path}: {type(e).__name__}: {e}"
     # one line: it goes into a CSV cell and log lines
     return _Loaded(sha, " ".join(message.split()), extra, where=where)
+
+
+def _stored_in_colour(f: BinaryIO, name: str) -> bool:
+    """A non-DICOM file whose header says colour channels or a colour palette; f is left at 0.
+    Greyscale modes never show colour, so only these need their pixels looked at."""
+    from .images import image_info
+
+    try:
+        return bool(image_info(f, name=name).get("is_colour"))
+    except ImageReadError:
+        return False  # reading the image says what is wrong with it
+    finally:
+        f.seek(0)
+
+
+def _colour_of(data: bytes, header: Any, name: str, decode: bool) -> bool:
+    """The OOD fit's colour rule (`images.image_info(decode=True)["has_colour"]`): a DICOM
+    image is colour when its Photometric Interpretation is not MONOCHROME (from the header
+    already read); another file when stored in colour and more than 0.01% of its pixels show
+    chroma (`ood.colour_input`, which decodes it)."""
+    if header is not None:
+        photometric = str(header.ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        return not photometric.strip().upper().startswith("MONOCHROME")
+    if not decode:
+        return False
+    from .ood import colour_input
+
+    return colour_input(io.BytesIO(data), name)
+
+
+def _colour_rule(rows: list[Row], loaded: list[_Loaded]) -> None:
+    """A scored colour image is out of distribution whatever its distance (fxscore.ood): set
+    its `ood`, keep `ood_score`; "_colour" (not written) says why, for benchmarks."""
+    for row, r in zip(rows, loaded):
+        if r.colour and row.get("ood") is not None:
+            row["ood"] = True
+            row["_colour"] = True
 
 
 def _header(f: BinaryIO, name: str) -> tuple[Any, ImageReadError | None]:

@@ -81,6 +81,13 @@ def test_augment_with_ood_statistics_flags_what_is_unlike_them(tmp_path, cnn):
     assert docs[flat]["ood"] is True and docs[flat]["ood_score"] > docs[same]["ood_score"]
     r = invoke("explain", flat, "-m", tmp_path / "ood.onnx", "-o", tmp_path / "h.png")
     assert "OOD: unlike the images the model was made for" in r.stdout
+    # the colour rule, as in `fxscore run`: the same texture with a red stroke is flagged
+    rgb = np.stack([np.asarray(Image.open(same))] * 3, axis=-1)
+    rgb[10:14, 5:35] = (255, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "figure.png")
+    r = invoke("explain", tmp_path / "figure.png", "-m", tmp_path / "ood.onnx", "-o",
+               tmp_path / "h.png", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["ood"] is True, r.output
 
 
 def test_augment_with_a_threshold_set_apart(tmp_path, cnn):

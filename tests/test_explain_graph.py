@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxscore.cam import cam_cells
 from fxscore.contract import Preprocess
-from fxscore.explain_graph import ExplainGraphError, augment, find_head
-from fxscore.graph_outputs import MissingOutput
+from fxscore.explain_graph import ExplainGraphError, augment, find_head, find_stages
+from fxscore.graph_outputs import STATS_FEATURE, MissingOutput
 from fxscore.model import ModelError, load_model, packaged_model
 from fxscore.ood import fit_features
 from onnx_models import convnet_proto, make_convnet, make_meta, make_model, write_with_props
@@ -240,7 +240,9 @@ def test_fxscore_export_adds_heatmap_outputs_and_ood_statistics(tmp_path, tmp_pa
     for path, section in ((out, report), (pipeline.int8_path(out), report["int8"])):
         model = load_model(path)
         assert model.verified
-        assert set(model.meta.outputs) == {"probability", "feature_map", "pooled", "ood_score"}
+        assert set(model.meta.outputs) == {"probability", "feature_map", "pooled",
+                                           "ood_features", "ood_score"}
+        assert model.meta.ood["feature"] == STATS_FEATURE  # a ResNet18: stage statistics
         assert model.meta.cam["cells"] == [2, 2]  # 64 px input / 32
         # mean and covariance of the training images, threshold on the validation images
         assert (model.meta.ood["fit_images"], model.meta.ood["holdout_images"]) == (30, 24)
@@ -250,3 +252,172 @@ def test_fxscore_export_adds_heatmap_outputs_and_ood_statistics(tmp_path, tmp_pa
         np.testing.assert_array_equal(out_["probability"], model.predict(x))
     assert load_model(out).meta.ood["threshold"] != load_model(
         pipeline.int8_path(out)).meta.ood["threshold"]
+
+
+# ---------------------------------------------------------------------------- OOD features
+
+
+def resnet_proto(meta, *, seed: int = 0, widths=(4, 8, 16)) -> onnx.ModelProto:
+    """A random fp32 ResNet-like graph: conv stem + MaxPool, then one residual stage per width
+    (each after the first halving the resolution; the second stage has two blocks), global
+    pooling, one linear layer and a sigmoid."""
+    rng = np.random.default_rng(seed)
+    h, w = meta.preprocess.input_size
+    inits: list = []
+    nodes: list = []
+
+    def conv(name, x, cin, cout, stride=1, k=3, relu=True):
+        wt = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k)))
+        inits.extend([numpy_helper.from_array(wt.astype(np.float32), f"{name}.w"),
+                      numpy_helper.from_array(
+                          (rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name,
+                                      pads=[k // 2] * 4, strides=[stride, stride]))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}_relu"))
+        return f"{name}.relu"
+
+    def block(name, x, cin, cout, stride):
+        y = conv(f"{name}.c2", conv(f"{name}.c1", x, cin, cout, stride), cout, cout, relu=False)
+        skip = x if stride == 1 else conv(f"{name}.down", x, cin, cout, stride, k=1, relu=False)
+        nodes.append(helper.make_node("Add", [y, skip], [f"{name}.add"], name=f"{name}_add"))
+        nodes.append(helper.make_node("Relu", [f"{name}.add"], [f"{name}.out"],
+                                      name=f"{name}_out"))
+        return f"{name}.out"
+
+    x = conv("stem", meta.input_name, 3, widths[0])
+    nodes.append(helper.make_node("MaxPool", [x], ["stem.pool"], name="stem_pool",
+                                  kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]))
+    x, cin = "stem.pool", widths[0]
+    for i, width in enumerate(widths):
+        for j in range(2 if i == 1 else 1):
+            x = block(f"s{i + 1}b{j + 1}", x, cin, width, 2 if i and not j else 1)
+            cin = width
+    fc_w = (rng.standard_normal((cin, 1)) * 0.5).astype(np.float32)
+    inits += [numpy_helper.from_array(fc_w, "fc.w"),
+              numpy_helper.from_array(np.array([-0.2], np.float32), "fc.b")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["pool"], name="pool"),
+              helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logit"], name="fc"),
+              helper.make_node("Sigmoid", ["logit"], ["probability"], name="sigmoid")]
+    graph = helper.make_graph(
+        nodes, "resnet",
+        [helper.make_tensor_value_info(meta.input_name, TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def make_resnet(path, meta=META, **kw):
+    return write_with_props(resnet_proto(meta, **kw), path, meta)
+
+
+def _stats_of(t: np.ndarray) -> np.ndarray:
+    """Per-channel spatial mean and population std of NCHW tensors, float64."""
+    t = t.astype(np.float64)
+    return np.concatenate([t.mean(axis=(2, 3)), t.std(axis=(2, 3))], axis=1)
+
+
+def _tapped(data: bytes, tensors, x: np.ndarray) -> list[np.ndarray]:
+    """Values of inner tensors of a serialised graph, made outputs of a copy of it."""
+    import onnxruntime as ort
+
+    proto = onnx.load_from_string(data)
+    del proto.graph.output[1:]
+    for t in tensors:
+        proto.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(list(tensors), {session.get_inputs()[0].name: x})
+
+
+def _check_ood_features(data: bytes, model, x: np.ndarray, stages) -> np.ndarray:
+    feats = model.predict_with(x, ("ood_features",))["ood_features"]
+    tensors = _tapped(data, stages.tensors, x)
+    assert [t.shape[1] for t in tensors] == list(stages.channels)
+    expected = np.concatenate([_stats_of(t) for t in tensors], axis=1)
+    assert feats.shape == (len(x), stages.dim)
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4)
+    return feats
+
+
+def test_resnet_like_fp32_graph_gets_stage_statistics_for_the_ood_flag(tmp_path):
+    source = make_resnet(tmp_path / "resnet.onnx")
+    plain, model, meta = _augmented(tmp_path, source)
+    assert meta.outputs["ood_features"] == "ood_features"
+    proto = onnx.load(tmp_path / "augmented.onnx")
+    stages = find_stages(proto, find_head(proto))
+    # the stem's MaxPool, the ReLU closing the second stage (two blocks), the feature map
+    assert stages.tensors == ("stem.pool", "s2b2.out", "s3b1.out")
+    assert stages.channels == (4, 8, 16) and stages.dim == 56
+    x = _inputs(6)
+    np.testing.assert_array_equal(model.predict(x), plain.predict(x))  # bit-identical
+    _check_ood_features((tmp_path / "augmented.onnx").read_bytes(), model, x, stages)
+    again, meta2 = augment((tmp_path / "augmented.onnx").read_bytes(), meta)
+    assert meta2.outputs == meta.outputs  # augmenting twice adds nothing
+    assert [o.name for o in onnx.load_from_string(again).graph.output].count(
+        "ood_features") == 1
+
+
+def test_ood_score_on_stage_statistics_equals_the_numpy_reference(tmp_path):
+    plain, model, meta = _augmented(tmp_path, make_resnet(tmp_path / "resnet.onnx"))
+    feats = model.predict_with(_inputs(80, seed=1), ("ood_features",))["ood_features"]
+    stats = fit_features(feats, feature=STATS_FEATURE)
+    data, meta2 = augment((tmp_path / "augmented.onnx").read_bytes(), meta, ood=stats)
+    assert meta2.ood["feature"] == STATS_FEATURE and meta2.ood["dim"] == 56
+    (tmp_path / "ood.onnx").write_bytes(data)
+    with_ood = load_model(tmp_path / "ood.onnx")
+    x = np.concatenate([_inputs(5, seed=2), 3 * _inputs(5, seed=3)])
+    out = with_ood.predict_with(x, ("probability", "ood_features", "ood_score"))
+    np.testing.assert_allclose(out["ood_score"], stats.distance(out["ood_features"]), rtol=1e-4)
+    np.testing.assert_array_equal(out["probability"], plain.predict(x))
+
+
+def test_pooled_statistics_still_measure_the_pooled_features(tmp_path):
+    """Statistics of an older model ("feature": "pooled") keep measuring the pooled features
+    even on a graph that has stage statistics, through re-augmenting too."""
+    _, model, meta = _augmented(tmp_path, make_resnet(tmp_path / "resnet.onnx"))
+    stats = fit_features(model.predict_with(_inputs(60, seed=1), ("pooled",))["pooled"])
+    data, meta2 = augment((tmp_path / "augmented.onnx").read_bytes(), meta, ood=stats)
+    assert meta2.ood["feature"] == "pooled" and meta2.ood["dim"] == 16
+    again, meta3 = augment(data, meta2)  # no new statistics: the old ones stay
+    assert meta3.ood == meta2.ood
+    (tmp_path / "old.onnx").write_bytes(again)
+    old = load_model(tmp_path / "old.onnx")
+    x = _inputs(5, seed=4)
+    out = old.predict_with(x, ("pooled", "ood_score"))
+    np.testing.assert_allclose(out["ood_score"], stats.distance(out["pooled"]), rtol=1e-4)
+
+
+def test_a_graph_without_stages_falls_back_to_the_pooled_features(tmp_path, cnn):
+    _, model, meta = _augmented(tmp_path, cnn)
+    proto = onnx.load(tmp_path / "augmented.onnx")
+    assert find_stages(proto, find_head(proto)) is None  # no MaxPool stem, one residual join
+    assert "ood_features" not in meta.outputs
+    stats = fit_features(_inputs(40, seed=1).mean(axis=(2, 3)), feature=STATS_FEATURE)
+    with pytest.raises(ValueError, match="do not fit this graph"):
+        augment((tmp_path / "augmented.onnx").read_bytes(), meta, ood=stats)
+
+
+def test_packaged_int8_model_gets_stage_statistics(tmp_path):
+    """The packaged int8 QDQ ResNet18: stem, stage 2 and feature map as the next layer reads
+    them (after the QuantizeLinear/DequantizeLinear pair that is its ReLU)."""
+    path, _ = packaged_model()
+    plain = load_model(path)
+    data, meta = augment(path.read_bytes(), plain.meta)
+    (tmp_path / "int8.onnx").write_bytes(data)
+    model = load_model(tmp_path / "int8.onnx")
+    proto = onnx.load_from_string(data)
+    stages = find_stages(proto, find_head(proto))
+    assert stages.tensors == ("max_pool2d_DequantizeLinear_Output",
+                              "relu_8_DequantizeLinear_Output", "relu_16_DequantizeLinear_Output")
+    assert stages.dim == 1408
+    size = plain.meta.preprocess.input_size[0]
+    x = np.random.default_rng(0).random((3, 3, size, size)).astype(np.float32) * 2 - 1
+    np.testing.assert_array_equal(model.predict(x), plain.predict(x))  # bit-identical
+    feats = _check_ood_features(data, model, x, stages)
+    fm = model.predict_with(x, ("feature_map",))["feature_map"]
+    np.testing.assert_allclose(feats[:, 384:896], fm.mean(axis=(2, 3)), rtol=1e-5, atol=1e-5)

@@ -186,3 +186,78 @@ def test_fit_ood_with_holdout_files(tmp_path, explain_cnn):
     stats = fit_ood(load_model(explain_cnn), train, holdout=val)
     assert (stats.fit_images, stats.holdout_images) == (30, 25)
     assert stats.excluded == {"colour": 2}
+
+
+# ---------------------------------------------------------------------------- stage features
+
+
+def test_fit_ood_reads_the_graphs_stage_statistics_where_it_has_them(tmp_path, explain_cnn):
+    from test_explain_graph import make_resnet
+
+    from fxscore.graph_outputs import STATS_FEATURE
+    from fxscore.scoring import model_input
+
+    source = make_resnet(tmp_path / "resnet.onnx")
+    data, _ = augment(source.read_bytes(), load_model(source).meta)
+    (tmp_path / "resnet.explain.onnx").write_bytes(data)
+    files = _textures(tmp_path / "val", 40, seed=0)
+    meta, summary = embed_ood(tmp_path / "resnet.explain.onnx", files)
+    assert summary["feature"] == meta.ood["feature"] == STATS_FEATURE and summary["dim"] == 56
+    model = load_model(tmp_path / "resnet.explain.onnx")
+    x = np.stack([model_input(f, model.meta.preprocess) for f in files[:4]])
+    out = model.predict_with(x, ("ood_features", "ood_score"))
+    stats = fit_ood(model, files)  # the same fit, through the same graph
+    np.testing.assert_allclose(out["ood_score"], stats.distance(out["ood_features"]), rtol=1e-4)
+    assert stats.threshold == pytest.approx(meta.ood["threshold"])
+    # a graph without that structure: the pooled features, as before
+    assert fit_ood(load_model(explain_cnn), files).contract()["feature"] == "pooled"
+
+
+def test_ood_cells_flag_colour_whatever_the_distance():
+    from fxscore.ood import ood_cells
+
+    assert ood_cells(1.0, 5.0) == (1.0, False)
+    assert ood_cells(1.0, 5.0, colour=True) == (1.0, True)  # the score stays the distance
+    assert ood_cells(None, 5.0, colour=True) == (None, None)
+
+
+def test_colour_input_is_the_fits_colour_rule(tmp_path):
+    import io
+
+    from fxscore.images import image_info
+    from fxscore.ood import colour_input
+
+    colour = _textures(tmp_path, 1, seed=0, colour=True)[0]
+    grey = _textures(tmp_path, 1, seed=1)[0]
+    rgb_grey = tmp_path / "rgb-grey.png"  # a grey radiograph stored as RGB
+    Image.open(grey).convert("RGB").save(rgb_grey)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for f, want in ((colour, True), (grey, False), (rgb_grey, False), (broken, False)):
+        stream = io.BytesIO(f.read_bytes())
+        assert colour_input(stream, str(f)) is want, f
+        assert stream.tell() == 0
+        if f != broken:
+            assert image_info(f, decode=True)["has_colour"] is want
+
+
+@pytest.mark.parametrize("spread, pixels, want", [
+    (24, 400, False), (25, 400, True),  # the level: above 24 of 255
+    (60, 1, False), (60, 2, True),  # the share: more than 0.01% of 100 x 100 pixels
+])
+def test_colour_input_agrees_with_image_info_at_the_edges(tmp_path, spread, pixels, want):
+    import io
+
+    from fxscore.images import image_info
+    from fxscore.ood import colour_input
+
+    rgb = np.full((100, 100, 3), 120, np.uint8)
+    rgb.reshape(-1, 3)[:pixels, 0] += spread
+    for mode in ("RGB", "RGBA", "P"):
+        f = tmp_path / f"edge-{mode}.png"
+        img = Image.fromarray(rgb)
+        (img.quantize(256) if mode == "P" else img.convert(mode)).save(f)
+        expected = image_info(f, decode=True)["has_colour"]
+        assert colour_input(io.BytesIO(f.read_bytes()), str(f)) is expected
+        if mode == "RGB":
+            assert expected is want

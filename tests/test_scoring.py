@@ -338,3 +338,56 @@ def test_images_too_small_to_be_a_radiograph_are_error_rows(model, tmp_path, siz
         assert row["error"] == (f"{path}: {size[0]} x {size[1]} pixels is too small to be a "
                                 "radiograph (fxscore scores images of at least 32 x 32 pixels)")
         assert row["sha256"]  # it was read: a fixed file is found by --retry-errors
+
+
+def test_colour_images_are_flagged_ood_whatever_their_distance(tmp_path, monkeypatch):
+    """The OOD flag's colour rule: a colour image's `ood` is true, its `ood_score` the
+    distance; grey images (an RGB-stored grey one too) keep the threshold's verdict; error
+    rows and models without OOD statistics are as before."""
+    from onnx_models import make_convnet
+
+    from fxscore import ood
+    from fxscore.contract import Preprocess
+    from fxscore.explain_graph import augment
+    from fxscore.scoring import model_input
+
+    meta = make_meta(preprocess=Preprocess(input_size=(32, 32)), model_name="test-cnn")
+    source = make_convnet(tmp_path / "cnn.onnx", meta)
+    plain = load_model(source)
+    data, _ = augment(source.read_bytes(), plain.meta)
+    path = tmp_path / "cnn.explain.onnx"
+    path.write_bytes(data)
+    rng = np.random.default_rng(0)
+    fit = []
+    for i in range(30):
+        img = (rng.random((40, 40)) * 60 + 100).astype(np.uint8)
+        Image.fromarray(img).save(tmp_path / f"fit{i}.png")
+        fit.append(tmp_path / f"fit{i}.png")
+    ood.embed_ood(path, fit)
+    model = load_model(path)
+    grey = np.asarray(Image.open(fit[0]))
+    rgb = np.stack([grey] * 3, axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "rgb-grey.png")
+    # a coloured stroke of the same luma (BT.601): colour that the grey model input lacks
+    v = rgb[10:14, 5:35, 0].astype(float)
+    rgb[10:14, 5:35, 0] = np.round(v + 40)
+    rgb[10:14, 5:35, 1] = np.round(v - 40 * 0.299 / 0.587)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    items = [(n, tmp_path / n) for n in ("colour.png", "rgb-grey.png", "fit0.png", "broken.png")]
+    rows = {r["path"]: r for r in score_items(model, items, workers=2)}
+    x = np.stack([model_input(tmp_path / n, model.meta.preprocess) for n, _ in items[:3]])
+    distance = model.predict_with(x, ("ood_score",))["ood_score"]
+    threshold = model.meta.ood["threshold"]
+    assert distance[0] <= threshold  # flagged for its colour alone
+    assert rows["colour.png"]["ood"] is True and rows["colour.png"]["_colour"] is True
+    for j, name in enumerate(("colour.png", "rgb-grey.png", "fit0.png")):
+        assert rows[name]["ood_score"] == pytest.approx(float(distance[j]), rel=1e-6)
+    for name in ("rgb-grey.png", "fit0.png"):
+        assert rows[name]["ood"] is (rows[name]["ood_score"] > threshold) is False
+        assert "_colour" not in rows[name]
+    assert rows["broken.png"]["error"] and rows["broken.png"]["ood"] is None
+    # no OOD statistics: no check is made and no OOD cells are written
+    monkeypatch.setattr(ood, "colour_input", lambda *a: pytest.fail("colour checked"))
+    for row in score_items(plain, items):
+        assert "ood" not in row and "_colour" not in row
