@@ -244,6 +244,24 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 # ---------------------------------------------------------------------------- reading
 
+# Images smaller than this on a side are not radiographs (a 1 x 1 black image scored 0.9998
+# "fractured"): an error row, not a score. The smallest real X-ray of the public set is 100 px.
+MIN_SIDE = 32
+
+
+def check_min_side(image: np.ndarray, source: str | os.PathLike | BinaryIO,
+                   name: str | None = None) -> np.ndarray:
+    """`image` (as read from `source`) if it has at least MIN_SIDE pixels on both sides, else
+    ImageReadError naming the file: what the model reads, in this process
+    (`scoring.model_input`) or in a decode worker (`isolate.decode_preprocessed`)."""
+    if min(image.shape[:2]) >= MIN_SIDE:
+        return image
+    where = (name if name is not None else getattr(source, "name", None) or "<stream>"
+             if hasattr(source, "read") else os.fspath(source))
+    raise ImageReadError(f"{shown(where)}: {image.shape[1]} x {image.shape[0]} pixels is too "
+                         f"small to be a radiograph (fxscore scores images of at least "
+                         f"{MIN_SIDE} x {MIN_SIDE} pixels)")
+
 def read_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
                min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image -> float32 array (H, W) with values in [0, 1].

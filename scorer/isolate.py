@@ -232,11 +232,12 @@ def decode_preprocessed(data: bytes, name: str, params: Any) -> Any:
     """
     import io
 
+    from .images import check_min_side, read_image
     from .preprocess import preprocess
-    from .images import read_image
 
-    return preprocess(read_image(io.BytesIO(data), name=name, min_size=params.input_size),
-                      params)
+    source = io.BytesIO(data)
+    image = read_image(source, name=name, min_size=params.input_size)
+    return preprocess(check_min_side(image, source, name), params)
 
 
 def needs_isolation(header: Any) -> bool:

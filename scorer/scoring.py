@@ -48,7 +48,8 @@ from . import identifiers, scorable
 from .contract import Preprocess
 from .cpus import available_cpus
 from .dicom import check_size as check_dicom_size, peak_bytes as dicom_peak_bytes
-from .images import ImageReadError, decoded_nbytes, open_regular, read_image, shown
+from .images import (MIN_SIDE, ImageReadError, check_min_side,  # noqa: F401 (MIN_SIDE)
+                     decoded_nbytes, open_regular, read_image)
 from .model import Model
 from .preprocess import preprocess
 
@@ -261,28 +262,17 @@ def make_isolated(workers: int, timeout: float | None = None) -> Isolated:
                             timeout=timeout or isolate.DEFAULT_TIMEOUT)
 
 
-# Images smaller than this on a side are not radiographs (a 1 x 1 black image scored 0.9998
-# "fractured"): an error row, not a score. The smallest real X-ray of the public set is 100 px.
-MIN_SIDE = 32
-
-
 def model_input(source: str | os.PathLike | BinaryIO, params: Preprocess, *,
                 name: str | None = None) -> np.ndarray:
     """The one reading rule: a file (path or binary file object) -> the network's input
     (3, h, w), decoded at reduced scale no smaller than the model's input allows. An image
-    under MIN_SIDE pixels on a side raises ImageReadError.
+    under MIN_SIDE pixels on a side raises ImageReadError (`images.check_min_side`).
 
     Everything that must give the scorer's numbers (export parity, int8 calibration,
     training's validation) should read through this, not `read_image` alone.
     """
     image = read_image(source, name=name, min_size=params.input_size)
-    if min(image.shape[:2]) < MIN_SIDE:
-        where = (name if name is not None else getattr(source, "name", None) or "<stream>"
-                 if hasattr(source, "read") else os.fspath(source))
-        raise ImageReadError(f"{shown(where)}: {image.shape[1]} x {image.shape[0]} pixels is too "
-                             f"small to be a radiograph (fxscore scores images of at least "
-                             f"{MIN_SIDE} x {MIN_SIDE} pixels)")
-    return preprocess(image, params)
+    return preprocess(check_min_side(image, source, name), params)
 
 
 def estimate_nbytes(f: BinaryIO, size: int, min_size: tuple[int, int] | None = None) -> int:

@@ -391,3 +391,20 @@ def test_colour_images_are_flagged_ood_whatever_their_distance(tmp_path, monkeyp
     monkeypatch.setattr(ood, "colour_input", lambda *a: pytest.fail("colour checked"))
     for row in score_items(plain, items):
         assert "ood" not in row and "_colour" not in row
+
+
+def test_a_too_small_compressed_dicom_is_an_error_row_from_its_decode_worker(model, tmp_path):
+    """Compressed DICOM is decoded in a worker process (fxscore.isolate): the same 32 px rule."""
+    from pydicom.uid import RLELossless
+
+    from test_dicom import write_dicom
+
+    path = write_dicom(tmp_path / "small.dcm", np.full((20, 40), 900, np.uint16))
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless, ds.pixel_array)
+    ds.save_as(path, enforce_file_format=True)
+    [row] = score_items(model, [("small.dcm", path)], workers=1)
+    assert row["error"] == (f"{path}: 40 x 20 pixels is too small to be a radiograph (fxscore "
+                            "scores images of at least 32 x 32 pixels)")
