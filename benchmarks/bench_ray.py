@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from fxscore import proctree
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = Path(os.environ.get("FXSCORE_REAL_DATA",
                                 REPO.parent / "shared" / "data" / "fracture-multi-region"))
@@ -174,15 +176,13 @@ class TreeCPU:
         self._stop = threading.Event()
 
     def _sample(self) -> dict[int, float]:
-        pids = _descendants(os.getpid()) if self.tree else []
+        pids = proctree.descendants(os.getpid()) if self.tree else []
         out = {}
         for pid in [os.getpid(), *pids]:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[pid] = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+            fields = proctree.stat(pid)
+            if fields is not None:
+                out[pid] = (int(fields[proctree.UTIME]) + int(fields[proctree.STIME])) \
+                    / proctree.TICKS
         return out
 
     def _run(self) -> None:
@@ -201,27 +201,6 @@ class TreeCPU:
         self._thread.join()
         self._last.update(self._sample())
         self.seconds = sum(cpu - self._first.get(pid, 0.0) for pid, cpu in self._last.items())
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def input_files(dest: Path, n: int) -> tuple[int, str]:

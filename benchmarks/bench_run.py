@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fxscore import proctree
 from fxscore.cli import cli
 from fxscore.contract import ModelMeta, Preprocess
 from fxscore.files import find_images
@@ -469,26 +470,10 @@ def tree_cpu() -> float:
     forkserver lives on and its cumulative children's time (/proc/PID/stat) holds theirs."""
     t = os.times()
     total = t.user + t.system + t.children_user + t.children_system
-    try:
-        stats = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    # fields after "(comm)": state ppid ... utime stime cutime cstime (12-15)
-                    stats[int(entry.name)] = Path(entry.path, "stat").read_text().rsplit(
-                        ")", 1)[1].split()
-                except OSError:
-                    continue  # ended meanwhile
-    except OSError:
-        return total  # no /proc: this process and its reaped children only
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    ticks, todo = os.sysconf("SC_CLK_TCK"), list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        total += sum(int(x) for x in stats[pid][11:15]) / ticks
-        todo += children.get(pid, [])
+    stats = proctree.all_stats()  # empty without /proc: this process and its reaped children
+    for pid in proctree.descendants(os.getpid(), stats):
+        fields = stats[pid]
+        total += sum(int(x) for x in fields[proctree.UTIME:proctree.CSTIME + 1]) / proctree.TICKS
     return total
 
 

@@ -25,6 +25,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
+from fxscore import proctree
 from fxscore.cli import cli
 from fxscore.files import Shard
 from fxscore.model import load_model
@@ -230,24 +231,6 @@ def ray_run(model, root, out, *, stats=None, **settings):
                       overwrite=overwrite)
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _listening_addresses(pids: list[int]) -> set[str]:
     """Local addresses of the TCP sockets in LISTEN state that these processes hold."""
     inodes = set()
@@ -274,7 +257,7 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 @needs_ray
 def test_local_cluster_listens_on_loopback_only_without_usage_stats(ray_local):
-    pids = _descendants(os.getpid())
+    pids = proctree.descendants(os.getpid())
     names = set()
     for pid in pids:
         try:
@@ -319,7 +302,7 @@ def test_real_xrays_give_the_rows_of_a_single_process_run(ray_local, real_slice,
 
 def _actor_pids() -> list[int]:
     found = []
-    for pid in _descendants(os.getpid()):
+    for pid in proctree.descendants(os.getpid()):
         try:
             if b"ScoreActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
@@ -495,15 +478,6 @@ finally:
 """
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name ([0] state, [3] session, [19] start time)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def _program(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
@@ -549,14 +523,15 @@ class TwoNodes:
         return self._reply()
 
     def processes(self) -> list[int]:
-        return [self.pid, *_descendants(self.pid)]
+        return [self.pid, *proctree.descendants(self.pid)]
 
     def in_session(self) -> list[int]:
-        return [int(e) for e in os.listdir("/proc") if e.isdigit()
-                and (s := _stat(int(e))) and int(s[3]) == self.pid and s[0] not in "ZX"]
+        return [pid for pid, s in proctree.all_stats().items()
+                if int(s[proctree.SESSION]) == self.pid and s[proctree.STATE] not in "ZX"]
 
     def shut_down(self) -> None:
-        self.seen = {p: s[19] for p in self.processes() + self.in_session() if (s := _stat(p))}
+        self.seen = {p: s[proctree.START] for p in self.processes() + self.in_session()
+                     if (s := proctree.stat(p))}
         self.proc.stdin.close()  # EOF: Cluster.shutdown() stops both nodes
         try:
             self.proc.wait(timeout=180)
@@ -570,8 +545,8 @@ class TwoNodes:
 
     def left(self) -> list[str]:
         """The cluster's processes still running: those seen at shutdown, and its session."""
-        alive = {p for p, start in self.seen.items()
-                 if (s := _stat(p)) and s[19] == start and s[0] not in "ZX"}
+        alive = {p for p, start in self.seen.items() if (s := proctree.stat(p))
+                 and s[proctree.START] == start and s[proctree.STATE] not in "ZX"}
         return [f"{p} {_program(p)}" for p in sorted(alive | set(self.in_session()))]
 
 
