@@ -196,15 +196,24 @@ def shown(name: str | os.PathLike | bytes) -> str:
 @contextlib.contextmanager
 def _source(source, name: str | None) -> Iterator[tuple[BinaryIO, str]]:
     """(binary file positioned at 0, name for messages) for a path or a file object."""
+    label = _label(source, name)
     if hasattr(source, "read"):
-        label = shown(name if name is not None else getattr(source, "name", None) or "<stream>")
         if not (hasattr(source, "seekable") and source.seekable()):
             source = io.BytesIO(source.read())
         source.seek(0)
         yield source, label
         return
     with open_regular(source) as f:
-        yield f, shown(name) if name is not None else shown(source)
+        yield f, label
+
+
+def _label(source, name: str | None) -> str:
+    """What messages call a source: `name`, else the path, or the file object's name."""
+    if name is not None:
+        return shown(name)
+    if hasattr(source, "read"):
+        return shown(getattr(source, "name", None) or "<stream>")
+    return shown(source)
 
 
 # ---------------------------------------------------------------------------- format sniffing
@@ -256,10 +265,8 @@ def check_min_side(image: np.ndarray, source: str | os.PathLike | BinaryIO,
     (`scoring.model_input`) or in a decode worker (`isolate.decode_preprocessed`)."""
     if min(image.shape[:2]) >= MIN_SIDE:
         return image
-    where = (name if name is not None else getattr(source, "name", None) or "<stream>"
-             if hasattr(source, "read") else os.fspath(source))
-    raise ImageReadError(f"{shown(where)}: {image.shape[1]} x {image.shape[0]} pixels is too "
-                         f"small to be a radiograph (fxscore scores images of at least "
+    raise ImageReadError(f"{_label(source, name)}: {image.shape[1]} x {image.shape[0]} pixels "
+                         f"is too small to be a radiograph (fxscore scores images of at least "
                          f"{MIN_SIDE} x {MIN_SIDE} pixels)")
 
 def read_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
