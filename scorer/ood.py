@@ -316,50 +316,20 @@ def ood_cells(score: float | None, threshold: float, colour: bool = False
     return float(score), bool(colour or score > threshold)
 
 
-# images.image_info's has_colour rule (`images._has_colour`): more than this share of the
-# pixels with a channel spread above this many levels (of 255). tests/test_ood.py checks that
-# colour_input agrees with it.
-CHROMA_LEVELS = 24
-CHROMA_SHARE = 0.0001
-
-
 def colour_input(f: BinaryIO, name: str) -> bool:
-    """Whether an open image file (at offset 0; left there) shows real colour: the fit's
-    rule (`images.image_info(decode=True)["has_colour"]`), decoding the pixels only for files
-    stored in colour (RGB, palette, YCbCr; a DICOM file is colour when stored so); a grey
-    mode costs a header read. An unreadable file is not colour (reading it says why).
+    """Whether an open image file (at offset 0; left there) shows real colour: the fit's own
+    rule, `images.image_info(decode=True)["has_colour"]`, which decodes the pixels only for
+    files stored in colour (a DICOM file is colour when stored so; a grey mode costs a header
+    read). An unreadable file is not colour (reading it says why).
     """
     from .images import ImageReadError, image_info
 
     try:
-        info = image_info(f, name=name)
-        if not info.get("is_colour") or info["format"] == "dicom":
-            return bool(info.get("is_colour"))
-        f.seek(0)
-        return _shows_chroma(f, name, info["format"])
+        return bool(image_info(f, name=name, decode=True).get("has_colour"))
     except ImageReadError:
         return False
     finally:
         f.seek(0)
-
-
-def _shows_chroma(f: BinaryIO, name: str, fmt: str) -> bool:
-    """`images._has_colour` for a Pillow format, with the channel spread taken channel by
-    channel in uint8 (max(axis=2) over a 3-wide axis made the check cost 20x the decode)."""
-    from PIL import Image
-
-    from .images import _PIL_FORMATS, _errors_described, _Plan, check_decoded
-
-    with _errors_described(name):
-        with Image.open(f, formats=[_PIL_FORMATS[fmt]]) as im:
-            plan = _Plan(im, fmt, None)
-            check_decoded(plan.decoded, name, plan.what)
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    spread = np.maximum(np.maximum(r, g), b)
-    spread -= np.minimum(np.minimum(r, g), b)  # uint8: max >= min, no wrap-around
-    return bool(np.count_nonzero(spread > CHROMA_LEVELS) > CHROMA_SHARE * spread.size)
 
 
 # ---------------------------------------------------------------------------- embedding
