@@ -81,7 +81,8 @@ def _chromium() -> str | None:
                  if shutil.which(n)), None)
 
 
-def test_eval_report_carries_the_gallery(tmp_path, models):
+def _eval_report(tmp_path) -> str:
+    """`fxscore eval --report` with the explain model of `models`: report.html's text."""
     from click.testing import CliRunner
 
     from fxscore.cli import cli
@@ -91,7 +92,11 @@ def test_eval_report_carries_the_gallery(tmp_path, models):
                                  str(tmp_path / "tiny.explain.onnx"), "--report",
                                  str(tmp_path / "report"), "--bootstrap", "0", "-q"])
     assert r.exit_code == 0, r.output
-    doc = (tmp_path / "report" / "report.html").read_text()
+    return (tmp_path / "report" / "report.html").read_text()
+
+
+def test_eval_report_carries_the_gallery(tmp_path, models):
+    doc = _eval_report(tmp_path)
     assert "<h2>Gallery</h2>" in doc and doc.count('alt="heatmap"') == 7
 
 
@@ -102,16 +107,7 @@ def test_the_report_renders_in_headless_chromium_without_network(tmp_path, model
     browser = _chromium()
     if browser is None:
         pytest.skip("no chromium (apt-get install chromium)")
-    from click.testing import CliRunner
-
-    from fxscore.cli import cli
-
-    make_folders(tmp_path / "data")
-    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "data"), "-m",
-                                 str(tmp_path / "tiny.explain.onnx"), "--report",
-                                 str(tmp_path / "report"), "--bootstrap", "0", "-q"])
-    assert r.exit_code == 0, r.output
-    doc = (tmp_path / "report" / "report.html").read_text()
+    doc = _eval_report(tmp_path)
     n = doc.count("<img ")
     policy = ("<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
               "img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">")
