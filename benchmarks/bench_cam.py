@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fxscore.cam import cam_cells, upsample
+from fxscore.cam import cam_cells, map_to_image, upsample
 from fxscore.files import find_images
 from fxscore.graph_outputs import FEATURE_MAP, PROBABILITY
 from fxscore.images import ImageReadError, image_info, read_image
 from fxscore.model import load_model, packaged_model
-from fxscore.preprocess import preprocess, resize
+from fxscore.preprocess import content_box, preprocess, resize
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -172,17 +172,26 @@ def main() -> int:
             except ImageReadError:
                 unreadable += 1
                 continue
-            small = resize(image, (h, w), params.resize)  # what preprocess feeds the network
+            # Masks cover the image as the network sees it: for a padding model, the box the
+            # image fills in the input (masking a black border would flatter the random masks).
+            top, left, bh, bw = content_box(image.shape, params)
+            small = resize(image, (bh, bw), params.resize)  # what preprocess feeds the network
             blurred = gaussian_blur(small, sigma).astype(np.float32)
-            out = model.predict_with(preprocess(small, params)[None], (PROBABILITY, FEATURE_MAP))
+            canvas = np.zeros((h, w), dtype=np.float32)
+
+            def network_input(view: np.ndarray) -> np.ndarray:
+                canvas[top:top + bh, left:left + bw] = view
+                return preprocess(canvas, params)
+
+            out = model.predict_with(network_input(small)[None], (PROBABILITY, FEATURE_MAP))
             # Ranked by the raw map (negative cells too), upsampled like the overlay.
             cells = cam_cells(out[FEATURE_MAP][0], weights).astype(np.float32)
-            heat = resize(cells, (h, w), "bilinear")
+            heat = map_to_image(cells, (bh, bw), params)
             masks = [top_mask(heat + 1e-9 * rng.random(heat.shape), args.fraction)]
             for _ in range(args.random_draws):
                 random_cells = rng.random(cells_shape)
-                masks.append(top_mask(upsample(random_cells, (h, w)), args.fraction))
-            batch = np.stack([preprocess(np.where(m, blurred, small), params) for m in masks])
+                masks.append(top_mask(upsample(random_cells, (bh, bw), params), args.fraction))
+            batch = np.stack([network_input(np.where(m, blurred, small)) for m in masks])
             p = model.predict(batch)
             p0 = float(out[PROBABILITY][0])
             rel = f.relative_to(args.data).as_posix()

@@ -19,7 +19,8 @@ positive cell is shown as no heat at all.
 Coarse by construction: the map has one cell per 32 x 32 input pixels of ResNet18, 7 x 7
 cells at 224 px and 4 x 4 at 128 px, so on a 128 px model each cell covers a quarter of the
 image's width; it says which region, not which line or pixel. The network sees the whole
-image resized (no crop, aspect ratio not kept), so the cells map onto the whole image.
+image (no crop), stretched or padded to square by the model's fit rule; the cells are mapped
+back through the same box (`upsample`), so they land where the image lay in the input.
 
 Heatmap files of a run (`HeatmapWriter`) are named after the row's path (`heatmap_name`,
 reversible) and carry that path in a PNG text chunk; they are derived patient images.
@@ -38,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from .graph_outputs import FEATURE_MAP, OOD_SCORE, PROBABILITY, has_roles, require
-from .preprocess import resize
+from .preprocess import content_box, resize
 
 if TYPE_CHECKING:
+    from .contract import Preprocess
     from .model import Model
 
 MAX_SIDE = 1024  # overlays are written at the image's size, at most this many pixels a side
@@ -79,9 +81,26 @@ def normalise(cells: np.ndarray) -> np.ndarray:
     return pos / top if top > 0 else np.zeros_like(pos)
 
 
-def upsample(heat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A [0, 1] map of cells -> the image's (height, width), with fxscore's one resize."""
-    return np.clip(resize(np.asarray(heat, dtype=np.float32), shape, "bilinear"), 0.0, 1.0)
+def map_to_image(cells: np.ndarray, shape: tuple[int, int],
+                 params: "Preprocess | None" = None) -> np.ndarray:
+    """Any map over the network input's cells -> the image's (height, width), float32.
+
+    For a model that pads (`params.fit == "pad"`) the map is first brought to the input size
+    and cut to the box the image filled there, so each cell lands where that part of the image
+    lay in the input (stretching the whole map would shift it by the borders). Resized with
+    fxscore's one resize (bilinear).
+    """
+    cells = np.asarray(cells, dtype=np.float32)
+    if params is not None and params.fit != "stretch":
+        top, left, h, w = content_box(shape, params)
+        cells = resize(cells, params.input_size, "bilinear")[top:top + h, left:left + w]
+    return resize(cells, shape, "bilinear")
+
+
+def upsample(heat: np.ndarray, shape: tuple[int, int],
+             params: "Preprocess | None" = None) -> np.ndarray:
+    """A [0, 1] map of cells -> the image's (height, width), still in [0, 1]."""
+    return np.clip(map_to_image(heat, shape, params), 0.0, 1.0)
 
 
 def colour_map(values: np.ndarray) -> np.ndarray:
@@ -152,7 +171,7 @@ def explain_bytes(model: "Model", data: bytes, *, name: str = "image",
     cells = cam_cells(out[FEATURE_MAP][0], model.meta.cam["weights"])
     shown = display_image(read_image(io.BytesIO(data), name=name, min_size=(max_side, max_side)),
                           max_side)
-    heat = upsample(normalise(cells), shown.shape)
+    heat = upsample(normalise(cells), shown.shape, model.meta.preprocess)
     score = flag = None
     if OOD_SCORE in out:  # the same flag as `fxscore run`'s, the colour rule included
         from .ood import colour_input, ood_cells
@@ -309,6 +328,7 @@ class HeatmapWriter:
                                   self.max_side)
         except ImageReadError as e:
             return f"no heatmap for {row['path']}: {e}"
-        heat = upsample(normalise(cam_cells(row["_feature_map"], self.weights)), shown.shape)
+        heat = upsample(normalise(cam_cells(row["_feature_map"], self.weights)), shown.shape,
+                        self.model.meta.preprocess)
         write_png(self.path_for(row["path"]), overlay(shown, heat), row_path=row["path"])
         return None

@@ -1189,6 +1189,9 @@ TRAIN_UNITS = {"epoch": "image", "feature cache": "view"}
               help="torch CPU threads [default: the CPUs this process may use]")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(32, 4096),
               help="network input side in pixels; saved with the model")
+@click.option("--fit", type=click.Choice(["pad", "stretch"]), default="pad", show_default=True,
+              help="how an image reaches the square input: pad keeps its aspect ratio (black "
+                   "borders), stretch resizes it; saved in the model, so scoring does the same")
 @click.option("--positive-class", default="fractured", show_default=True,
               help="the class folder whose probability the model outputs")
 @click.option("--cache-views", default=5, show_default=True, type=click.IntRange(0),
@@ -1217,7 +1220,8 @@ def train(data_dir: str, out: str, resume: bool, quiet: bool, **options) -> None
     Adam, BCEWithLogitsLoss, early stopping on val loss; RUN/best.pt is the epoch with the
     lowest val loss (export it with `fxscore export`). --resume continues RUN from last.pt
     with its saved recipe (only --epochs, --max-minutes, --device, --workers, --threads may
-    change) and gives the same result as an uninterrupted run.
+    change, and --patience unless the scheduler is plateau) and gives the same result as an
+    uninterrupted run; a run that stopped early continues when given more --patience.
 
     \b
     Examples:

@@ -16,7 +16,8 @@ still load and are reported as unverified. Keys this version does not define are
 file and ignored, so later versions can add optional keys. Version 2 defines three optional
 keys, `outputs`, `cam` and `ood` (heatmap outputs and the OOD flag, `fxscore.graph_outputs`),
 and `training_data`: the sha256 and counts of the training-data table the file carries in its
-own metadata entry (`fxscore.membership`).
+own metadata entry (`fxscore.membership`). Version 3 adds `fit` ("pad": aspect-preserving,
+see `fxscore.preprocess.fit_to_input`); only files that pad are written as version 3.
 
 Every number is checked to be finite and in range here, because JSON as Python reads it accepts
 NaN and Infinity and `true` is an int to Python: a NaN std or a threshold of `true` would
@@ -31,8 +32,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 META_KEY = "fxscore"
-FORMAT_VERSION = 2  # what this fxscore writes
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # what this fxscore writes, unless the file needs version 3 (below)
+READABLE_VERSIONS = (1, 2, 3)
+# Version 3 is version 2 plus the key `fit`: how the image is brought to input_size. "stretch"
+# (the only rule before version 3, and the default when the key is absent) resizes to the
+# input size; "pad" keeps the aspect ratio and pads with black. A file that pads is written as
+# version 3, so that an older fxscore, which would ignore the key and stretch, refuses it.
+FIT_METHODS = ("stretch", "pad")
+PAD_VERSION = 3
 DIGEST_KEY = "digest"  # format version 2: "sha256:<64 hex>", see fxscore.modelfile
 RESIZE_METHODS = ("bilinear", "bicubic", "lanczos")
 REQUIRED = ("format_version", "class_names", "positive_class", "input_size", "mean", "std",
@@ -57,10 +64,14 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     resize: str = "bilinear"  # always antialiased
+    fit: str = "stretch"  # "stretch" to input_size, or "pad": keep the aspect ratio, pad black
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input_size": list(self.input_size), "mean": list(self.mean),
-                "std": list(self.std), "resize": self.resize}
+        d = {"input_size": list(self.input_size), "mean": list(self.mean),
+             "std": list(self.std), "resize": self.resize}
+        if self.fit != "stretch":  # absent means stretch: version-2 files stay byte-identical
+            d["fit"] = self.fit
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
@@ -68,7 +79,7 @@ class Preprocess:
         return cls(input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
                    mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
                    std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
-                   resize=str(d["resize"]))
+                   resize=str(d["resize"]), fit=str(d.get("fit", "stretch")))
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,8 @@ class ModelMeta:
                 del d[key]
         d["class_names"] = list(self.class_names)
         d.update(self.preprocess.to_dict())
+        if self.preprocess.fit != "stretch":
+            d["format_version"] = max(d["format_version"], PAD_VERSION)
         return d
 
     def to_props(self) -> dict[str, str]:
@@ -170,6 +183,12 @@ def _check_preprocess(d: dict[str, Any]) -> None:
             raise ContractError(f"{key} must lie in [{lo_v:g}, {hi_v:g}]{why}, got {v!r}")
     if d.get("resize") not in RESIZE_METHODS:
         raise ContractError(f"resize must be one of {RESIZE_METHODS}, got {d.get('resize')!r}")
+    fit = d.get("fit", "stretch")
+    if fit not in FIT_METHODS:
+        raise ContractError(f"fit must be one of {FIT_METHODS}, got {fit!r}")
+    if fit != "stretch" and d.get("format_version", PAD_VERSION) < PAD_VERSION:
+        raise ContractError(f"fit {fit!r} needs format_version {PAD_VERSION} (an fxscore that "
+                            "reads an earlier version would stretch the image); re-export")
 
 
 def validate(d: dict[str, Any]) -> None:

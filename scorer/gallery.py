@@ -84,7 +84,8 @@ def _thumbs(model: "Model", file: Path, sha256: str, heatmaps: bool
             return thumb, None, ""
         x = model_input(io.BytesIO(data), model.meta.preprocess, name=str(file))
         fm = model.predict_with(x[None], (FEATURE_MAP,))[FEATURE_MAP][0]
-        heat = upsample(normalise(cam_cells(fm, model.meta.cam["weights"])), image.shape)
+        heat = upsample(normalise(cam_cells(fm, model.meta.cam["weights"])), image.shape,
+                        model.meta.preprocess)
         return thumb, _data_uri(overlay(image, heat)), ""
     except ImageReadError as e:
         return None, None, f"cannot be decoded again ({type(e).__name__})"

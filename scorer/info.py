@@ -209,8 +209,10 @@ def model_pairs(doc: dict[str, Any], *, training: bool = True) -> list[tuple[str
                                 f"{neg}"),
              ("threshold", _num(float(doc["threshold"]), 4))]
     h, w = doc["input_size"]
-    rows.append(("input", f"{h} x {w} px (height x width), {doc['resize']} resize with "
-                          "antialiasing, grey replicated to 3 channels, float32 NCHW "
+    fit = ("aspect ratio kept, padded with black" if doc.get("fit") == "pad"
+           else "stretched to that size")
+    rows.append(("input", f"{h} x {w} px (height x width), {fit}, {doc['resize']} resize "
+                          "with antialiasing, grey replicated to 3 channels, float32 NCHW "
                           f"'{doc.get('input_name', 'input')}'"))
     rows.append(("normalisation", "(x - mean) / std on intensities x in [0, 1]; mean "
                                   + ", ".join(_num(float(v)) for v in doc["mean"]) + "; std "

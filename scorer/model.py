@@ -161,7 +161,9 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
     try:
         props = modelfile.read_props(data)
         meta = ModelMeta.from_props(props, f"model {source}")
-        if meta.format_version >= 2:
+        if pinned is not None:  # the file is the release's byte for byte: a digest adds nothing
+            integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
+        elif meta.format_version >= 2:
             digest = modelfile.check_digest(data, metadata_dict(props))
             integrity = f"verified: digest {digest[:23]}... matches"
         else:
@@ -170,8 +172,6 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
     except ContractError as e:
         message = str(e) if str(e).startswith("model ") else f"model {source}: {e}"
         raise ModelError(message) from e
-    if pinned is not None:
-        integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
     verified = integrity.startswith("verified")
     _check_graph(session, meta, source)
     return Model(session=session, meta=meta, model_id=sha256[:12], path=path,

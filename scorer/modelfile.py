@@ -109,7 +109,8 @@ def check_digest(data: bytes, meta: dict[str, Any]) -> str:
 
 
 def embed_bytes(data: bytes, meta: ModelMeta) -> bytes:
-    """A serialised model with `meta` and its digest as the fxscore metadata (format version 2).
+    """A serialised model with `meta` and its digest as the fxscore metadata (format version 2; 3
+    when it pads, see `fxscore.contract`).
 
     Any earlier fxscore entry is replaced; other metadata entries are kept. Works on bytes, so
     wrapping a model needs neither onnx nor torch.

@@ -31,15 +31,46 @@ def resize(image: np.ndarray, size: tuple[int, int], method: str = "bilinear") -
     return np.asarray(pil.resize((w, h), resample=_RESAMPLE[method]), dtype=np.float32)
 
 
+def content_box(shape: tuple[int, int], params: Preprocess) -> tuple[int, int, int, int]:
+    """Where an image of `shape` lands in the network input: (top, left, height, width).
+
+    "stretch" fills the input; "pad" scales the image to fit inside it, aspect ratio kept, and
+    centres it (the rest is black). Heatmaps use the same box to map cells back to the image.
+    """
+    h_in, w_in = params.input_size
+    if params.fit == "stretch":
+        return 0, 0, h_in, w_in
+    h, w = shape
+    scale = min(h_in / h, w_in / w)
+    h_out = min(h_in, max(1, round(h * scale)))
+    w_out = min(w_in, max(1, round(w * scale)))
+    return (h_in - h_out) // 2, (w_in - w_out) // 2, h_out, w_out
+
+
+def fit_to_input(image: np.ndarray, params: Preprocess) -> np.ndarray:
+    """A 2-D intensity image -> (h, w) float32 at the model's input size, by its `fit` rule.
+
+    Padding is 0, black, the background of a radiograph (MONOCHROME1 is inverted on reading,
+    so 0 is black for every image that reaches here). Training crops go through this function
+    too, so a padded model learns on padded views.
+    """
+    top, left, h, w = content_box(image.shape, params)
+    if (h, w) == params.input_size:
+        return resize(image, params.input_size, params.resize)
+    out = np.zeros(params.input_size, dtype=np.float32)
+    out[top:top + h, left:left + w] = resize(image, (h, w), params.resize)
+    return out
+
+
 def preprocess(image: np.ndarray, params: Preprocess) -> np.ndarray:
     """Intensity image (H, W) in [0, 1] -> network input (3, h, w) float32.
 
-    Resize to the model's input size, replicate grey to three channels, normalise each channel
-    with the model's mean/std.
+    Bring it to the model's input size by its fit rule (stretch, or pad keeping the aspect
+    ratio), replicate grey to three channels, normalise each channel with the model's mean/std.
     """
     if image.ndim != 2:
         raise ValueError(f"preprocess expects a 2-D intensity image, got shape {image.shape}")
-    small = resize(image, params.input_size, params.resize)
+    small = fit_to_input(image, params)
     mean = np.asarray(params.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(params.std, dtype=np.float32)[:, None, None]
     return ((small[None, :, :] - mean) / std).astype(np.float32, copy=False)

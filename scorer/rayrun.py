@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 RAY_HINT = 'the --ray options need Ray: pip install "fxscore[ray]"'
 LOCAL, AUTO = "local", "auto"
 DEFAULT_ACTOR_CPUS = 4  # onnxruntime gains little from more threads on one ResNet18 batch
+# ...and at least two actors per node by default: one actor's decoding then overlaps the
+# other's inference. On 2 cores, 2 actors x 1 CPU reached 90% of single-process throughput
+# and 1 x 2 only 82% (benchmarks/bench_ray.py, README).
+MIN_ACTORS_PER_NODE = 2
 TASK_BATCHES = 8  # default files per Ray task: this many model batches (--ray-batch-size)
 READERS = 2  # concurrent tasks reading the spill file (each takes microseconds per file)
 TASK_RETRIES = 3  # retries of a task whose actor died, before its files are resubmitted alone
@@ -92,6 +96,11 @@ RAY_HELP = (
     "(exit 2). Needs fxscore[ray]")
 
 
+def default_actor_cpus(node_cpus: list[int]) -> int:
+    """CPUs per actor when --threads is not given: 4, fewer on small nodes (two actors each)."""
+    return max(1, min(DEFAULT_ACTOR_CPUS, min(node_cpus) // MIN_ACTORS_PER_NODE))
+
+
 def parse_actors(text: str) -> tuple[int, int]:
     """'4' -> (4, 4), a fixed pool; '2,8' -> (2, 8), a pool Ray grows from 2 to 8 actors."""
     parts = str(text).replace(" ", "").split(",")
@@ -123,7 +132,8 @@ def ray_options(f: Callable) -> Callable:
     f = click.option("--ray-cpus", type=click.IntRange(1), default=None, metavar="N",
                      help="CPUs of the cluster --ray local starts [default: the CPUs this "
                           "process may use]; each actor takes --threads of them [default: "
-                          f"{DEFAULT_ACTOR_CPUS}, or a node's CPUs if fewer]")(f)
+                          f"{DEFAULT_ACTOR_CPUS}, or half the smallest node's CPUs if "
+                          "fewer]")(f)
     f = click.option("--ray", "ray", default=None, metavar="auto|local|ADDRESS",
                      help=RAY_HELP)(f)
     return f
@@ -544,7 +554,7 @@ class RayScore:
         if not nodes:
             raise RunError("the Ray cluster has no node with a CPU to score on")
         node_cpus = [int(n["Resources"]["CPU"]) for n in nodes]
-        actor_cpus = s.actor_cpus or min(DEFAULT_ACTOR_CPUS, min(node_cpus))
+        actor_cpus = s.actor_cpus or default_actor_cpus(node_cpus)
         if actor_cpus > max(node_cpus):
             raise RunError(f"--threads {actor_cpus}: no node of the Ray cluster has that many "
                            f"CPUs (the largest has {max(node_cpus)}); give fewer")

@@ -16,6 +16,8 @@ WORK="${1:-/tmp/fxscore-default}"
 # the recipe fixes the epoch count instead: same data + seed + epochs -> same history on a CPU.
 EPOCHS="${EPOCHS:-16}"
 SIZE="${SIZE:-128}"          # input size: 128 px keeps full fine-tuning affordable on a CPU
+# The shipped model stretches each image to the square input (--fit stretch); `fxscore train`
+# now pads by default, so the recipe says so explicitly.
 mkdir -p "$WORK"
 
 [ -d "$WORK/raw" ] || "$DATA/materialize" "$WORK/raw"
@@ -25,7 +27,7 @@ fxscore audit "$WORK/raw" --out "$WORK/audit-raw" > "$WORK/audit-raw.txt" || tru
 fxscore audit "$WORK/clean" --out "$WORK/audit-clean" --fail-on-leak > "$WORK/audit-clean.txt"
 
 fxscore train "$WORK/clean" --out "$WORK/run" --pretrained none --freeze none \
-  --image-size "$SIZE" --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --weight-decay 1e-4 \
+  --image-size "$SIZE" --fit stretch --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --weight-decay 1e-4 \
   --scheduler plateau --patience 6 --seed 0 || [ $? -eq 3 ]
 
 fxscore export "$WORK/run/best.pt" --out "$WORK/model.onnx" --verify "$WORK/clean/val" \

@@ -35,10 +35,10 @@ def make_model(path: Path, meta: ModelMeta | None = None, *, weight: float = 4.0
                head: str = "Sigmoid") -> Path:
     """Write a tiny fxscore-contract ONNX model to `path` and return it.
 
-    `props` are written as given (e.g. metadata that breaks the contract); a version-2 fxscore
-    entry among them still gets its digest unless `digest=False`, as `fxscore export` would
-    write it, so the loader's other checks are what a test meets. `graph_meta` builds the graph
-    for other metadata than the one stored (input size or name disagreeing). `head="Identity"`
+    `props` are written as given (e.g. metadata that breaks the contract); a version-2 or -3
+    fxscore entry among them still gets its digest unless `digest=False`, as `fxscore export`
+    would write it, so the loader's other checks are what a test meets. `graph_meta` builds the
+    graph for other metadata than the one stored (input size or name disagreeing). `head="Identity"`
     leaves out the sigmoid: the graph returns logits.
     """
     meta = meta or make_meta()
@@ -68,7 +68,7 @@ def write_with_props(model: onnx.ModelProto, path: Path, meta: ModelMeta | None,
             d = json.loads(all_props[META_KEY])
         except json.JSONDecodeError:
             d = None
-        if isinstance(d, dict) and d.get("format_version") == 2 and DIGEST_KEY not in d:
+        if isinstance(d, dict) and d.get("format_version") in (2, 3) and DIGEST_KEY not in d:
             d[DIGEST_KEY] = digest_of(model.SerializeToString(), d)
             all_props[META_KEY] = json.dumps(d)
     for k, v in all_props.items():

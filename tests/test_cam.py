@@ -45,6 +45,25 @@ def test_upsample_puts_a_hot_corner_cell_in_that_corner():
     assert r >= 96 and c < 24  # inside the bottom-left cell
 
 
+def test_a_padding_models_cells_map_onto_the_image_as_it_lay_in_the_input():
+    # A 100 x 200 image fills rows 16..47 of a 64 px padded input: cell row 0 (input rows
+    # 0-15) is black band, cell rows 1 and 2 cover the image's upper and lower halves.
+    params = Preprocess(input_size=(64, 64), fit="pad")
+    for row, half in ((1, slice(0, 50)), (2, slice(50, 100))):
+        cells = np.zeros((4, 4))
+        cells[row, 0] = 1.0
+        heat = upsample(cells, (100, 200), params)
+        r, c = np.unravel_index(np.argmax(heat), heat.shape)
+        assert half.start <= r < half.stop and c < 50
+        # Stretched, cell row 1 would be the image's second quarter instead.
+        assert heat[half].sum() > 3 * heat[slice(50, 100) if row == 1 else slice(0, 50)].sum()
+    band = np.zeros((4, 4))
+    band[0, :] = 1.0  # interpolation carries a band cell's heat half a cell onto the image, no more
+    assert upsample(band, (100, 200), params)[30:].max() == 0
+    assert np.array_equal(upsample(band, (100, 200)),
+                          upsample(band, (100, 200), Preprocess((64, 64))))
+
+
 def test_colour_map_runs_from_dark_to_bright():
     rgb = colour_map(np.linspace(0, 1, 11)).astype(float)
     luminance = rgb @ [0.2126, 0.7152, 0.0722]

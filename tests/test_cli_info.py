@@ -25,7 +25,8 @@ def test_info_prints_what_the_model_carries(tmp_path):
                  "classes                    fractured, not fractured",
                  "positive class             fractured (probability >= threshold), else not "
                  "fractured", "threshold                  0.3700",
-                 "input                      64 x 64 px (height x width), bilinear resize",
+                 "input                      64 x 64 px (height x width), stretched to that size, "
+                 "bilinear resize",
                  "normalisation              (x - mean) / std on intensities x in [0, 1]; "
                  "mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225",
                  "graph                      ONNX opset 17", "precision                  fp32",

@@ -23,9 +23,22 @@ def test_good_metadata_round_trips():
     assert "digest" not in json.loads(meta.to_props()[META_KEY])  # modelfile adds it
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_readable_versions(version):
     assert ModelMeta.from_dict({**GOOD, "format_version": version}).format_version == version
+
+
+def test_a_padding_model_is_written_as_version_3_and_a_stretching_one_unchanged():
+    # An fxscore that reads only version 2 would ignore `fit` and stretch: it must refuse.
+    padded = ModelMeta.from_dict(GOOD)
+    padded = ModelMeta(**{**padded.__dict__, "preprocess": Preprocess((64, 64), fit="pad")})
+    d = padded.to_dict()
+    assert d["fit"] == "pad" and d["format_version"] == 3
+    assert ModelMeta.from_dict(d).preprocess.fit == "pad"
+    assert "fit" not in GOOD and ModelMeta.from_dict(GOOD).preprocess.fit == "stretch"
+    with pytest.raises(ContractError, match="needs format_version 3"):
+        validate({**d, "format_version": 2})
+    validate({**GOOD, "fit": "stretch", "format_version": 2})
 
 
 def test_unknown_keys_are_kept_out_of_the_way():
@@ -39,7 +52,8 @@ def test_a_well_formed_digest_is_accepted():
 BAD = [
     ("format_version", True, "format_version must be a positive integer"),
     ("format_version", "2", "format_version must be a positive integer"),
-    ("format_version", 3, "upgrade fxscore"),
+    ("format_version", 4, "upgrade fxscore"),
+    ("fit", "crop", "fit must be one of"),
     ("format_version", 0, "format_version must be a positive integer"),
     ("std", [0.2, NAN, 0.2], "std must be three finite numbers"),
     ("std", [0.2, INF, 0.2], "std must be three finite numbers"),

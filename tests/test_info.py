@@ -119,7 +119,12 @@ def test_a_model_without_training_summary(tmp_path):
                                   make_meta(preprocess=Preprocess(input_size=(32, 48)))), threads=1)
     text = info.format_info(info.describe(model))
     assert "no training summary in this model" in text
-    assert "32 x 48 px (height x width)" in text
+    assert "32 x 48 px (height x width), stretched to that size" in text
+    padded = load_model(make_model(tmp_path / "p.onnx", make_meta(
+        preprocess=Preprocess(input_size=(32, 48), fit="pad"))), threads=1)
+    doc = info.describe(padded)
+    assert doc["format_version"] == 3
+    assert "aspect ratio kept, padded with black" in info.format_info(doc)
 
 
 def test_heatmap_and_ood_lines_say_what_the_model_carries_or_how_to_add_it(tmp_path):

@@ -134,6 +134,14 @@ def test_without_ray_the_message_says_how_to_install_it(tmp_path):
     assert 'pip install "fxscore[ray]"' in result.output
 
 
+@pytest.mark.parametrize("node_cpus, expected", [
+    ([2], 1), ([3], 1), ([4], 2), ([8], 4), ([64], 4), ([16, 2], 1), ([1], 1)])
+def test_default_actor_cpus_leave_room_for_two_actors_per_node(node_cpus, expected):
+    from fxscore.rayrun import default_actor_cpus
+
+    assert default_actor_cpus(node_cpus) == expected
+
+
 def test_actor_threads_are_its_cpus_and_one_inter_op(model_path):
     """What Ray Data constructs in each actor, built here directly: onnxruntime sized to the
     actor's CPUs (Ray's OMP_NUM_THREADS=1 does not reach it), inter-op 1."""
@@ -293,10 +301,14 @@ def test_sample_data_gives_the_rows_of_a_single_process_run(ray_local, model, tm
 @needs_ray
 @pytest.mark.realdata
 def test_real_xrays_give_the_rows_of_a_single_process_run(ray_local, real_slice, tmp_path):
+    from fxscore.rayrun import RayStats
+
     model = load_model(threads=2)  # the packaged default model
     expected = single_process(model, real_slice, tmp_path / "single.csv")
     assert len(expected) == 100 and not any(r[6] for r in expected)
-    ray_run(model, real_slice, tmp_path / "ray.csv")  # default layout: 1 actor x 2 CPUs
+    stats = RayStats()
+    ray_run(model, real_slice, tmp_path / "ray.csv", stats=stats)  # the default layout
+    assert (stats.actors, stats.actor_cpus) == ((2, 2), 1)  # 2 CPUs: two actors of one each
     assert read_rows(tmp_path / "ray.csv") == expected
 
 

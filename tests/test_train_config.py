@@ -35,6 +35,13 @@ def test_defaults_are_the_seed_recipe_and_round_trip():
     assert not TrainConfig(**BASE, freeze="none").uses_feature_cache
     assert TrainConfig.from_dict({**cfg.to_dict(), "from_a_newer_fxscore": 1}) == cfg
     assert TrainConfig(**BASE, pos_weight="2.5").pos_weight == "2.5"
+    assert cfg.fit == "pad"
+
+
+def test_a_run_saved_before_the_fit_option_resumes_stretching():
+    old = {k: v for k, v in TrainConfig(**BASE).to_dict().items() if k != "fit"}
+    assert TrainConfig.from_dict(old).fit == "stretch"
+    assert TrainConfig.from_dict({**old, "fit": "pad"}).fit == "pad"
 
 
 def test_resume_may_change_only_what_does_not_change_an_epoch():
@@ -46,6 +53,13 @@ def test_resume_may_change_only_what_does_not_change_an_epoch():
     with pytest.raises(ValueError, match="cannot change --lr 0.01 -> 0.1, --seed 0 -> 1"):
         resumed_config(saved, {"lr": 0.1, "seed": 1, "epochs": 3})
     assert set(RESUMABLE) >= {"epochs", "max_minutes", "device", "workers", "threads"}
+
+
+def test_patience_may_change_on_resume_unless_it_times_the_lr_drops():
+    cosine = TrainConfig(**BASE, scheduler="cosine", patience=5)
+    assert resumed_config(cosine, {"patience": 30}).patience == 30
+    with pytest.raises(ValueError, match="cannot change --patience 5 -> 30"):
+        resumed_config(TrainConfig(**BASE, scheduler="plateau", patience=5), {"patience": 30})
 
 
 @pytest.mark.parametrize("config, expected", [

@@ -54,6 +54,19 @@ def test_train_preset_without_randomness_equals_preprocess(phantom):
                                preprocess(phantom, PARAMS)[:, :, ::-1], atol=1e-6)
 
 
+@pytest.mark.parametrize("fit", ["pad", "stretch"])
+def test_a_full_view_of_a_landscape_image_is_what_the_scorer_sees(fit):
+    # The crop goes through the scorer's fit rule: a padding model trains on padded views.
+    params = Preprocess(input_size=(64, 64), fit=fit)
+    image = np.ones((50, 100), np.float32)
+    identity = TrainPreset(params, scale=(1.0, 1.0), ratio=(2.0, 2.0), hflip_prob=0.0,
+                           degrees=0.0)
+    out = identity(image, np.random.default_rng(0))
+    np.testing.assert_array_equal(out, preprocess(image, params))
+    grey = out[0] * params.std[0] + params.mean[0]
+    assert (grey[0, 32] == pytest.approx(0.0, abs=1e-5)) == (fit == "pad")  # a black band
+
+
 def test_train_preset_is_a_function_of_its_generator(phantom):
     preset = TrainPreset(PARAMS)
     a = preset(phantom, np.random.default_rng([7, 0, 3]))

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from fxscore.contract import FIT_METHODS
+
 SCHEDULERS = ("plateau", "cosine")
 # Options that may change when a run is resumed: they do not change what an epoch computes
 # (the data itself is checked by its fingerprint, so DATA may have moved).
@@ -33,6 +35,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch CPU threads; None = every core this process may use
     image_size: int = 224
     resize: str = "bilinear"
+    fit: str = "pad"  # "pad": keep the aspect ratio, black borders; or "stretch" (fxscore.contract)
     crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (torchvision's default)
     positive_class: str = "fractured"
     cache_views: int = 5  # frozen backbone: augmented views per image in the feature cache; 0 = off
@@ -43,6 +46,8 @@ class TrainConfig:
         problems = []
         if self.freeze not in ("backbone", "none"):
             problems.append(f"freeze must be 'backbone' or 'none', not {self.freeze!r}")
+        if self.fit not in FIT_METHODS:
+            problems.append(f"fit must be one of {FIT_METHODS}, not {self.fit!r}")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -85,17 +90,25 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # Runs saved before `fit` existed stretched; they resume (and export) as they trained.
+        return cls(**{"fit": "stretch", **{k: v for k, v in d.items() if k in known}})
+
+
+def resumable(saved: TrainConfig) -> tuple[str, ...]:
+    """The options a resume of `saved` may change. Early-stopping patience only decides when to
+    stop, except under the plateau scheduler, whose LR drops are timed by it."""
+    return RESUMABLE + (("patience",) if saved.scheduler != "plateau" else ())
 
 
 def resumed_config(saved: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
     """The saved recipe with `changes`; ValueError if a change would alter the training itself."""
-    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE and v != getattr(saved, k)}
+    allowed = resumable(saved)
+    fixed = {k: v for k, v in changes.items() if k not in allowed and v != getattr(saved, k)}
     if fixed:
         listed = ", ".join(f"--{k.replace('_', '-')} {getattr(saved, k)} -> {v}"
                            for k, v in fixed.items())
         raise ValueError(f"a resumed run keeps its recipe; cannot change {listed}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[2:])} may "
+                         f"{', '.join('--' + k.replace('_', '-') for k in allowed[2:])} may "
                          "change; start a new run for anything else")
     return TrainConfig.from_dict({**saved.to_dict(), **changes})
 

@@ -298,7 +298,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, log: Optional[Callable[[str],
     amp = channels_last = device.type == "cuda"  # channels_last is slower on CPU for ResNet18
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    params = Preprocess(input_size=(cfg.image_size, cfg.image_size), resize=cfg.resize)
+    params = Preprocess(input_size=(cfg.image_size, cfg.image_size), resize=cfg.resize,
+                        fit=cfg.fit)
     layout = discover(cfg.data, cfg.positive_class, cfg.limit_per_class, cfg.seed)
     digest, files = fingerprint(layout)
     if state is not None and state["data_fingerprint"] != digest:

@@ -5,7 +5,8 @@ min_size=input size))` (`fxscore.scoring.model_input`; `data.decode` reads every
 nothing else. Training augmentation only changes *which* pixels reach that same function: the seed's
 RandomResizedCrop, RandomHorizontalFlip and RandomRotation(10), applied to the float intensity
 image (so 16-bit and DICOM precision survives), then `preprocess` normalises it. The crop is
-resized with the scorer's `resize`, so training and serving share the resampling filter too.
+brought to the input size with the scorer's `fit_to_input` (stretched, or padded keeping its
+aspect ratio), so training and serving share the fit rule and the resampling filter too.
 
 Randomness comes from a numpy Generator the caller passes in, seeded per (view, image): the
 augmented view of an image is a pure function of the seed, so runs repeat, resume exactly, and
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fxscore.contract import Preprocess
-from fxscore.preprocess import preprocess, resize
+from fxscore.preprocess import fit_to_input, preprocess, resize
 
 # Training decodes each file once and keeps it in memory, shrunk so its shorter side is at most
 # SHRINK_FACTOR x the input size. This is a training-speed measure only (real radiographs reach
@@ -72,7 +73,10 @@ def random_resized_crop_box(shape: tuple[int, int], rng: np.random.Generator,
 
 @dataclass(frozen=True)
 class TrainPreset:
-    """RandomResizedCrop -> RandomHorizontalFlip -> RandomRotation(degrees) -> preprocess."""
+    """RandomResizedCrop -> fit to input -> RandomHorizontalFlip -> RandomRotation -> preprocess.
+
+    With fit "pad" the crop's aspect ratio (3/4..4/3 of the image's) is kept and padded.
+    """
 
     params: Preprocess
     scale: tuple[float, float] = (0.08, 1.0)
@@ -82,7 +86,7 @@ class TrainPreset:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         top, left, h, w = random_resized_crop_box(image.shape, rng, self.scale, self.ratio)
-        x = resize(image[top:top + h, left:left + w], self.params.input_size, self.params.resize)
+        x = fit_to_input(image[top:top + h, left:left + w], self.params)
         if rng.random() < self.hflip_prob:
             x = x[:, ::-1]
         angle = rng.uniform(-self.degrees, self.degrees)
