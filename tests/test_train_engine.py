@@ -77,7 +77,8 @@ def test_run_folder_and_checkpoint_format(tmp_path):
         assert CHECKPOINT_KEYS <= set(ckpt)
         assert ckpt["class_names"] == ["fractured", "not fractured"]
         assert ckpt["positive_class"] == "fractured"
-        assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(input_size=(32, 32))
+        assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(input_size=(32, 32),
+                                                                      fit="pad")
         assert set(ckpt["metrics"]) == set(ckpt["best_metrics"]) == METRIC_KEYS
         assert {"torch", "torchvision", "fxscore", "python"} <= set(ckpt["versions"])
         assert ckpt["data_fingerprint"] == doc["data_fingerprint"]

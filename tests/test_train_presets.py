@@ -67,6 +67,16 @@ def test_a_full_view_of_a_landscape_image_is_what_the_scorer_sees(fit):
     assert (grey[0, 32] == pytest.approx(0.0, abs=1e-5)) == (fit == "pad")  # a black band
 
 
+def test_a_padding_models_crops_keep_the_images_aspect_ratio():
+    # Eval pads a square image not at all: its training crops must not bring black bands in.
+    params = Preprocess(input_size=(64, 64), fit="pad")
+    white = np.ones((200, 200), np.float32)
+    for seed in range(20):
+        out = TrainPreset(params, degrees=0.0)(white, np.random.default_rng(seed))
+        grey = out[0] * params.std[0] + params.mean[0]
+        assert grey.min() == pytest.approx(1.0, abs=1e-5), seed
+
+
 def test_train_preset_is_a_function_of_its_generator(phantom):
     preset = TrainPreset(PARAMS)
     a = preset(phantom, np.random.default_rng([7, 0, 3]))

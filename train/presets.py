@@ -75,7 +75,8 @@ def random_resized_crop_box(shape: tuple[int, int], rng: np.random.Generator,
 class TrainPreset:
     """RandomResizedCrop -> fit to input -> RandomHorizontalFlip -> RandomRotation -> preprocess.
 
-    With fit "pad" the crop's aspect ratio (3/4..4/3 of the image's) is kept and padded.
+    With fit "pad" the crop keeps the image's aspect ratio (only its scale is random) and is
+    padded as the whole image is; `ratio` applies to stretching models.
     """
 
     params: Preprocess
@@ -85,7 +86,12 @@ class TrainPreset:
     degrees: float = 10.0
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        top, left, h, w = random_resized_crop_box(image.shape, rng, self.scale, self.ratio)
+        # A padding model sees every image at its own aspect ratio, so its crops keep that
+        # ratio too: a crop of another ratio would be padded with black bands that no scored
+        # image of that shape has (a square radiograph is never padded).
+        aspect = image.shape[1] / image.shape[0]
+        ratio = self.ratio if self.params.fit == "stretch" else (aspect, aspect)
+        top, left, h, w = random_resized_crop_box(image.shape, rng, self.scale, ratio)
         x = fit_to_input(image[top:top + h, left:left + w], self.params)
         if rng.random() < self.hflip_prob:
             x = x[:, ::-1]
