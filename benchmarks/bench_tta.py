@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fxscore import metrics
-from fxscore.files import find_images
+from fxscore.evaluate import items_from_folders
 from fxscore.images import ImageReadError
 from fxscore.model import load_model
 from fxscore.scoring import model_input
@@ -56,9 +56,10 @@ def main() -> int:
     model = load_model(args.model)
     positive = model.meta.positive_class
     for folder in args.folders:
-        files = [p for _, p in find_images(folder)]
-        p, q, kept = scores(model, files)
-        y = np.array([f.relative_to(folder).parts[0] == positive for f in kept], dtype=int)
+        items = items_from_folders(folder, model.meta.class_names)  # as `fxscore eval` reads
+        label = {i.file: i.true_label for i in items}
+        p, q, kept = scores(model, [i.file for i in items])
+        y = np.array([label[f] == positive for f in kept], dtype=int)
         tta = (p + q) / 2
         line = (f"{folder}: {len(kept)} images, ROC-AUC plain {metrics.roc_auc(y, p):.4f}, "
                 f"with flip {metrics.roc_auc(y, tta):.4f}")

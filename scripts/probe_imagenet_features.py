@@ -26,7 +26,7 @@ from torch import nn
 
 from fxscore import metrics
 from fxscore.contract import Preprocess
-from fxscore.files import find_images
+from fxscore.evaluate import items_from_folders
 from fxscore.images import ImageReadError
 from fxscore.scoring import model_input
 from fxscore.split import read_manifest
@@ -38,6 +38,7 @@ STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3)
 BN = dict(eps=1e-3, momentum=0.01)  # the TensorFlow originals' batch-norm settings
 # Lite0 was trained on inputs scaled as (x - 127) / 128: in [0, 1] units mean 0.498, std 0.502.
 PARAMS = Preprocess(input_size=(224, 224), mean=(0.498,) * 3, std=(0.502,) * 3, fit="pad")
+CLASSES = ("fractured", "not fractured")
 
 
 class Block(nn.Module):
@@ -135,7 +136,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("clean", type=Path, nargs="?", help="an `fxscore split` output")
     ap.add_argument("--check", type=Path, help="print the top ImageNet classes of a photograph")
-    ap.add_argument("--positive", default="fractured")
+    ap.add_argument("--positive", default="fractured", choices=CLASSES)
     ap.add_argument("--cache", type=Path, help="keep the features in this .npz (reused if there)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -160,10 +161,10 @@ def main() -> int:
         if cached is not None:
             data[split] = tuple(cached[f"{split}_{k}"] for k in "xyg")
             continue
-        files = [p for _, p in find_images(args.clean / split)]
-        x, kept = features(net, files)
-        y = np.array([f.relative_to(args.clean / split).parts[0] == args.positive
-                      for f in kept], dtype=float)
+        items = items_from_folders(args.clean / split, CLASSES)  # as `fxscore eval` reads
+        label = {i.file: i.true_label for i in items}
+        x, kept = features(net, [i.file for i in items])
+        y = np.array([label[f] == args.positive for f in kept], dtype=float)
         g = np.array([groups.get(f.relative_to(args.clean).as_posix(), str(f)) for f in kept])
         data[split] = (x, y, g)
         print(f"{split}: {len(kept)} images", file=sys.stderr)
