@@ -330,15 +330,48 @@ def _first_line(e: BaseException) -> str:
 
 # ---- the spill file: the list of files to score, on the driver's disk -------------------------------
 
+SPILL_PREFIX = "fxscore-ray-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_dead_spills(folder: str | None = None) -> list[Path]:
+    """Remove this user's spill files whose driver is no longer running; returns them."""
+    removed = []
+    root = Path(folder or tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for f in root.glob(f"{SPILL_PREFIX}*-*.todo"):
+            pid = f.name[len(SPILL_PREFIX):].split("-", 1)[0]
+            try:
+                if not pid.isdigit() or _running(int(pid)) or f.stat().st_uid != os.getuid():
+                    continue
+                f.unlink()
+                removed.append(f)
+            except OSError:  # gone meanwhile, or not ours to remove
+                continue
+    return removed
+
 class Spill:
     """The files to score, written as they are listed: `rel NUL path NUL` per file.
 
     The file lives in the driver's temporary folder and is removed by `close`; `slices(n)`
-    describes it to Ray as (offset, count, first index) per n files.
+    describes it to Ray as (offset, count, first index) per n files. Its name carries the
+    driver's pid: a driver that was killed cannot remove its file, which lists patients' file
+    paths, so each new one first removes the files of drivers that are no longer running.
     """
 
     def __init__(self, items: Iterable[tuple[str, Path]], folder: str | None = None) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="fxscore-ray-", suffix=".todo", dir=folder)
+        sweep_dead_spills(folder)
+        fd, self.path = tempfile.mkstemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", suffix=".todo",
+                                         dir=folder)
         self.count = 0
         try:
             with os.fdopen(fd, "wb", buffering=1 << 20) as f:

@@ -207,6 +207,26 @@ def test_spill_round_trips_odd_names(tmp_path):
     assert not Path(spill.path).exists()
 
 
+def test_spill_sweeps_files_of_dead_drivers(tmp_path):
+    """A SIGKILLed driver leaves its spill file (patients' paths): the next driver removes the
+    files of drivers that no longer run, and leaves those of running ones and other files."""
+    from fxscore.rayrun import Spill
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"fxscore-ray-{gone.pid}-abc.todo"
+    alive = tmp_path / f"fxscore-ray-{os.getppid()}-def.todo"
+    other = tmp_path / "fxscore-ray-notes.todo"
+    for f in (dead, alive, other):
+        f.write_bytes(b"a\0/x/a.png\0")
+    spill = Spill(iter([("b", tmp_path / "b.png")]), folder=str(tmp_path))
+    try:
+        assert not dead.exists() and alive.exists() and other.exists()
+        assert Path(spill.path).name.startswith(f"fxscore-ray-{os.getpid()}-")
+    finally:
+        spill.close()
+
+
 # ---- with a real local Ray cluster -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -388,9 +408,13 @@ def test_driver_killed_mid_run_resumes_like_a_single_process_run(ray_local, real
     partial = paths_of(out)
     assert 12 <= len(partial) < len(expected)
     assert len(set(partial)) == len(partial)
+    import tempfile
+    left = list(Path(tempfile.gettempdir()).glob(f"fxscore-ray-{proc.pid}-*.todo"))
+    assert left, "the killed driver's spill file (its list of paths) should still be there"
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr
     assert read_rows(out) == expected
+    assert not any(f.exists() for f in left), "the next driver removes a dead driver's spill"
     assert out.read_text().count("path,probability") == 1
 
 
