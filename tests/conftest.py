@@ -54,3 +54,29 @@ def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def has_vnni() -> bool:
+    """onnxruntime takes its exact int8 kernels on such CPUs, saturating AVX2 ones elsewhere."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def cpu_kind() -> str:
+    flags = cpu_flags()
+    if "avx512_vnni" in flags:
+        return "AVX512-VNNI"
+    if "avx_vnni" in flags:
+        return "AVX-VNNI"
+    if "avx2" in flags:
+        return "AVX2, no VNNI"
+    return "no AVX2"

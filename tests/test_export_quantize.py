@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, cpu_kind, has_vnni
 from onnx import numpy_helper
 from PIL import Image
 
@@ -113,7 +113,7 @@ def test_int8_matches_an_exact_reference_on_this_cpu(cnn, capsys):
     want = reference_probabilities(int8, x)
     worst = float(np.max(np.abs(got - want)))
     with capsys.disabled():
-        print(f"\nint8 vs exact reference on this CPU ({_cpu_kind()}): max |d p| = {worst:.3g} "
+        print(f"\nint8 vs exact reference on this CPU ({cpu_kind()}): max |d p| = {worst:.3g} "
               f"(tolerance {REFERENCE_TOLERANCE:g})")
     assert worst <= REFERENCE_TOLERANCE
 
@@ -124,8 +124,10 @@ def test_int8_probabilities_are_continuous(cnn):
     x = np.random.default_rng(11).standard_normal((400, 3, 32, 32)).astype(np.float32)
     p8 = load_model(int8, threads=1).predict(x)
     p32 = load_model(fp32, threads=1).predict(x)
-    assert len(np.unique(p32)) == 400
-    assert len(np.unique(p8)) >= 395  # quantising the output gave ~60 levels
+    # float32 probabilities of 400 inputs can tie once by rounding (seen with AVX-512 kernels);
+    # quantising the output instead gave about 60 levels.
+    assert len(np.unique(p32)) >= 398
+    assert len(np.unique(p8)) >= 395
 
 
 def test_int8_weights_are_7_bit_and_the_head_is_float(cnn):
@@ -157,28 +159,6 @@ def test_head_nodes_walks_back_from_the_output(cnn):
 # ---------------------------------------------------------------------------- across CPUs
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def _has_vnni() -> bool:
-    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
-
-
-def _cpu_kind() -> str:
-    flags = _cpu_flags()
-    if "avx512_vnni" in flags:
-        return "AVX512-VNNI"
-    if "avx_vnni" in flags:
-        return "AVX-VNNI"
-    if "avx2" in flags:
-        return "AVX2, no VNNI"
-    return "no AVX2"
 
 
 _QEMU_SCRIPT = """
@@ -197,7 +177,7 @@ def test_native_and_qemu_haswell_agree(cnn, tmp_path, capsys):
     nothing; the test then skips, saying so (FXSCORE_QEMU_COMPARE=1 runs it anyway, to check
     the harness). The reference test above covers such hosts.
     """
-    kind, vnni = _cpu_kind(), _has_vnni()
+    kind, vnni = cpu_kind(), has_vnni()
     forced = os.environ.get("FXSCORE_QEMU_COMPARE") == "1"
     if not vnni and not forced:
         pytest.skip(f"this CPU has {kind}: native and qemu-x86_64 -cpu Haswell would both run "
