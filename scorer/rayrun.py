@@ -359,6 +359,7 @@ def sweep_dead_spills(folder: str | None = None) -> list[Path]:
                 continue
     return removed
 
+
 class Spill:
     """The files to score, written as they are listed: `rel NUL path NUL` per file.
 

