@@ -1201,6 +1201,9 @@ TRAIN_UNITS = {"epoch": "image", "feature cache": "view"}
               type=click.FloatRange(0, 1, min_open=True),
               help="smallest area fraction RandomResizedCrop keeps (torchvision's 0.08 can cut "
                    "the fracture out of the view; 0.3-0.5 is gentler)")
+@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="keep an exponential moving average of the weights with this decay per "
+                   "step (e.g. 0.998) and validate, keep and export the average (0: off)")
 @click.option("--limit-per-class", type=click.IntRange(1), default=None,
               help="use at most N files per class and split (quick trials)")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,

@@ -18,6 +18,8 @@ BASE = {"data": "data", "out": "runs/r18"}
     ({"image_size": 16}, "image_size must be at least 32"),
     ({"cache_views": -1}, "cache_views must not be negative"),
     ({"crop_scale": 0.0}, "crop_scale"),
+    ({"ema": 1.0}, "ema"),
+    ({"ema": -0.1}, "ema"),
     ({"limit_per_class": 0}, "limit_per_class"),
     ({"max_minutes": 0}, "max_minutes"),
 ])

@@ -92,24 +92,55 @@ def test_run_folder_and_checkpoint_format(tmp_path):
     assert best["best_metrics"]["val_loss"] == min(h["val_loss"] for h in result.history)
 
 
-@pytest.mark.parametrize("freeze", ["none", "backbone"])
-def test_resume_gives_the_uninterrupted_result(tmp_path, freeze):
-    whole = fit(config(tmp_path / "whole", freeze=freeze, epochs=3))
+@pytest.mark.parametrize("freeze, ema", [("none", 0.0), ("backbone", 0.0), ("none", 0.9),
+                                         ("backbone", 0.9)])
+def test_resume_gives_the_uninterrupted_result(tmp_path, freeze, ema):
+    whole = fit(config(tmp_path / "whole", freeze=freeze, epochs=3, ema=ema))
 
     def interrupt(row):
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(config(tmp_path / "cut", freeze=freeze, epochs=3), on_epoch=interrupt)
-    resumed = fit(config(tmp_path / "cut", freeze=freeze, epochs=3), resume=True)
+        fit(config(tmp_path / "cut", freeze=freeze, epochs=3, ema=ema), on_epoch=interrupt)
+    resumed = fit(config(tmp_path / "cut", freeze=freeze, epochs=3, ema=ema), resume=True)
     same_history(resumed.history, whole.history)
     a, b = load_checkpoint(tmp_path / "whole/last.pt"), load_checkpoint(tmp_path / "cut/last.pt")
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    for key in ("model", "train_model") if ema else ("model",):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
     with (tmp_path / "cut/history.csv").open() as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
     assert "resumed after epoch 2" in (tmp_path / "cut/train.log").read_text()
+
+
+@pytest.mark.parametrize("freeze", ["none", "backbone"])
+def test_weight_average_is_what_is_validated_and_kept(tmp_path, freeze):
+    """With --ema the checkpoint's "model" is the average, not the optimizer's weights, and the
+    history's validation loss is the average's: scoring best.pt reproduces it."""
+    import numpy as np
+
+    from fxscore.train.data import decode, discover, tensor_batches
+    from fxscore.train.engine import evaluate
+    from fxscore.train.presets import EvalPreset
+
+    cfg = config(tmp_path / "run", freeze=freeze, epochs=2, ema=0.9, patience=0)
+    result = fit(cfg)
+    best = load_checkpoint(tmp_path / "run/best.pt")
+    assert best["average_steps"] == best["epoch"] * math.ceil(20 / 8)  # 20 images, batches of 8
+    trained = [k for k, v in best["train_model"].items() if v.is_floating_point()
+               and not torch.equal(v, best["model"][k])]
+    assert "fc.weight" in trained and (freeze == "backbone") == ("conv1.weight" not in trained)
+
+    model = build_model("none")
+    model.load_state_dict(best["model"])
+    layout = discover(cfg.data, cfg.positive_class, cfg.limit_per_class, cfg.seed)
+    params = Preprocess.from_dict(best["preprocess"])
+    val = decode(layout.splits["val"], EvalPreset(params), 1, None, "val",
+                 min_size=params.input_size)
+    m, _ = evaluate(model, tensor_batches(torch.from_numpy(np.stack(val.arrays)), val.targets, 16),
+                    torch.nn.BCEWithLogitsLoss(), torch.device("cpu"))
+    assert m["loss"] == pytest.approx(result.best_metrics["val_loss"], abs=1e-5)
 
 
 def test_cached_features_train_like_the_naive_loop(tmp_path):

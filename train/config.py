@@ -41,6 +41,7 @@ class TrainConfig:
     cache_views: int = 5  # frozen backbone: augmented views per image in the feature cache; 0 = off
     limit_per_class: Optional[int] = None  # use at most N files per class and split (quick trials)
     max_minutes: Optional[float] = None  # stop after the epoch that would overrun this budget
+    ema: float = 0.0  # decay of an exponential moving average of the weights per step; 0 = off
 
     def __post_init__(self) -> None:
         problems = []
@@ -71,6 +72,8 @@ class TrainConfig:
             problems.append("crop_scale must be in (0, 1]")
         if self.limit_per_class is not None and self.limit_per_class < 1:
             problems.append("limit_per_class must be at least 1")
+        if not 0 <= self.ema < 1:
+            problems.append("ema must be in [0, 1) (0 turns it off)")
         if self.max_minutes is not None and self.max_minutes <= 0:
             problems.append("max_minutes must be positive")
         if problems:
