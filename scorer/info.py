@@ -257,8 +257,7 @@ def explain_pairs(doc: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("OOD flag", f"{ood.get('method', '?')} on the {ood.get('dim', '?')} "
                                  f"pooled features, threshold {_num(ood.get('threshold'), 2)} "
                                  f"(false-flag rate {_num(ood.get('false_flag_rate'), 3)}, "
-                                 f"from {ood.get('holdout_images', '?')} images "
-                                 f"{ood.get('threshold_from', '')}); fit on "
+                                 f"{_threshold_images(ood)}); fit on "
                                  f"{ood.get('fit_images', '?')} images: rows get ood_score, "
                                  "ood"))
     else:
@@ -274,3 +273,9 @@ def format_info(doc: dict[str, Any]) -> str:
     lines = [f"{k:<{width}}{v}" for k, v in rows]
     lines += ["", "Training summary"] + [f"  {k:<{width - 2}}{v}" for k, v in trained]
     return "\n".join(lines) + "\n"
+
+
+def _threshold_images(ood: dict) -> str:
+    """Where the OOD threshold was set: 'on 236 held-out images' or 'on 80 images, out of fold'."""
+    n, where = ood.get("holdout_images", "?"), ood.get("threshold_from", "")
+    return f"on {n} held-out images" if where == "held-out images" else f"on {n} images, {where}"

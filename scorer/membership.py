@@ -152,9 +152,11 @@ class TrainingData:
         """Row of a hex sha256, or -1."""
         if not sha256 or not _HEX.fullmatch(sha256):
             return -1
-        key = bytes.fromhex(sha256)
+        # As an S32 value, the way the table holds it: numpy drops trailing zero bytes of S
+        # items when it hands one out, so a digest ending in 00 only equals its S32 form.
+        key = np.array(bytes.fromhex(sha256), dtype="S32")
         i = int(np.searchsorted(self.digests, key))
-        return i if i < len(self.digests) and self.digests[i] == key else -1
+        return i if i < len(self.digests) and self.digests[i] == key[()] else -1
 
     def split_of(self, sha256: str) -> str:
         """'train', 'val', 'train+val', or '' when the content is not in the table."""
