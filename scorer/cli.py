@@ -1292,7 +1292,8 @@ def train(data_dir: str, out: str, resume: bool, quiet: bool, **options) -> None
               help="folder of X-rays (searched recursively): prove parity on every file")
 @click.option("--int8", is_flag=True, help="also write a static int8 model (QDQ, per-channel)")
 @click.option("--calibration", type=click.Path(file_okay=False), default=None,
-              help="folder of X-rays to calibrate int8 on (searched recursively)")
+              help="folder of training X-rays (searched recursively): int8 calibrates on it, "
+                   "and the OOD statistics are fit on it")
 @click.option("--calibration-images", type=click.IntRange(1), default=200, show_default=True,
               help="calibrate on at most this many images, drawn at random (seed 0)")
 @click.option("--int8-eval", type=click.Path(file_okay=False), default=None,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import SAMPLE_DATA, has_vnni
+from conftest import SAMPLE_DATA
 from eval_data import (FRACTURED, NOT_FRACTURED, expected_confusion, make_flat, make_folders,
                        write_csv, write_grey, write_truncated)
 from fxscore.cli import EXIT_SOME_FAILED, cli
@@ -338,23 +338,21 @@ def test_eval_on_the_real_test_set(tmp_path, real_data_root, tiny_model):
 
 
 def test_readme_quick_start_says_what_the_default_model_does_on_the_phantoms(monkeypatch):
-    """README: the packaged model calls almost every phantom "not fractured" (N of M, as the
-    README states for CPUs with and without VNNI: this int8 model's scores depend on the
-    kernels) and ranks sample_data/test at chance; the README says why."""
+    """README: the packaged model calls N of the M readable phantoms "not fractured" (fp32: the
+    same on every CPU) and ranks sample_data/test at chance; the README says why."""
     from fxscore.files import find_images
     from fxscore.model import load_model
     from fxscore.scoring import score_items
 
     readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
-    said = re.search(r'"not fractured" \((\d+) of the (\d+) readable ones on a CPU without VNNI, '
-                     r'(\d+) with it', readme)
+    said = re.search(r'"not fractured" for (\d+) of the (\d+) readable ones', readme)
     assert said, "the quick start no longer states what the default model does on sample_data"
     monkeypatch.delenv("FXSCORE_MODEL", raising=False)
     model = load_model(threads=1)
+    assert model.meta.model_version == "2"  # fp32; an int8 model's count would depend on the CPU
     rows = [r for r in score_items(model, find_images(SAMPLE_DATA), workers=1) if not r["error"]]
     negatives = sum(r["label"] == "not fractured" for r in rows)
-    expected = int(said.group(3) if has_vnni() else said.group(1))
-    assert (negatives, len(rows)) == (expected, int(said.group(2)))
+    assert (negatives, len(rows)) == (int(said.group(1)), int(said.group(2)))
     r = CliRunner().invoke(cli, ["eval", str(SAMPLE_DATA / "test"), "--bootstrap", "0", "-q",
                                  "--threads", "1"])
     auc = float(next(ln for ln in r.stdout.splitlines() if ln.startswith("ROC-AUC")).split()[1])

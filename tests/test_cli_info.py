@@ -50,7 +50,7 @@ def test_info_defaults_to_the_packaged_model(monkeypatch):
     monkeypatch.delenv("FXSCORE_MODEL", raising=False)
     r = invoke()
     assert r.exit_code == 0, r.output
-    assert "fxscore-resnet18-default" in r.stdout and "precision                  int8" \
+    assert "fxscore-resnet18-default" in r.stdout and "precision                  fp32" \
         in r.stdout
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,10 +13,13 @@ from fxscore.cam import cam_cells
 from fxscore.contract import Preprocess
 from fxscore.explain_graph import ExplainGraphError, augment, find_head, find_stages
 from fxscore.graph_outputs import STATS_FEATURE, MissingOutput
-from fxscore.model import ModelError, load_model, packaged_model
+from fxscore.model import ModelError, load_model
 from fxscore.ood import fit_features
 from onnx_models import convnet_proto, make_convnet, make_meta, make_model, write_with_props
 
+# The first packaged default model (version 1, int8 QDQ, no heatmap outputs), kept as a real
+# quantised ResNet18 graph to augment; the packaged model is now fp32 and augmented at export.
+INT8_V1 = Path(__file__).resolve().parent / "data" / "resnet18-int8-v1.onnx"
 META = make_meta(preprocess=Preprocess(input_size=(32, 32)), model_name="test-cnn")
 
 
@@ -85,12 +89,9 @@ def test_augmenting_twice_changes_nothing(tmp_path, cnn):
 
 
 def test_int8_qdq_graph_with_a_quantised_head(tmp_path):
-    """The packaged default model: int8 QDQ, its head's weights behind DequantizeLinear."""
-    packaged, _ = packaged_model()
-    if not packaged.is_file():
-        pytest.skip("no packaged default model")
+    """The first default model: int8 QDQ, its head's weights behind DequantizeLinear."""
     source = tmp_path / "default.onnx"
-    source.write_bytes(packaged.read_bytes())
+    source.write_bytes(INT8_V1.read_bytes())
     proto = onnx.load(str(source))
     head = find_head(proto)
     assert head.feature_map.endswith("DequantizeLinear_Output")  # the dequantised block output
@@ -402,10 +403,26 @@ def test_a_graph_without_stages_falls_back_to_the_pooled_features(tmp_path, cnn)
         augment((tmp_path / "augmented.onnx").read_bytes(), meta, ood=stats)
 
 
-def test_packaged_int8_model_gets_stage_statistics(tmp_path):
-    """The packaged int8 QDQ ResNet18: stem, stage 2 and feature map as the next layer reads
-    them (after the QuantizeLinear/DequantizeLinear pair that is its ReLU)."""
-    path, _ = packaged_model()
+def test_the_packaged_model_ships_with_heatmaps_and_stage_statistics():
+    """The default model is exported with both: heatmap cells average to its logit minus the
+    head's bias (fp32: to float rounding), and the OOD flag reads stem, stage 2 and the last
+    feature map."""
+    model = load_model()
+    assert model.meta.outputs.keys() >= {"feature_map", "pooled", "ood_features"}
+    assert model.meta.ood["feature"] == STATS_FEATURE and model.meta.ood["dim"] == 1408
+    size = model.meta.preprocess.input_size[0]
+    x = np.random.default_rng(0).random((2, 3, size, size)).astype(np.float32) * 2 - 1
+    out = model.predict_with(x, ("probability", "feature_map"))
+    logit = np.log(out["probability"] / (1 - out["probability"]))
+    for i in range(2):
+        cells = cam_cells(out["feature_map"][i], model.meta.cam["weights"])
+        assert cells.mean() + model.meta.cam["bias"] == pytest.approx(float(logit[i]), abs=1e-4)
+
+
+def test_int8_resnet18_gets_stage_statistics(tmp_path):
+    """The first default model's int8 QDQ ResNet18: stem, stage 2 and feature map as the next
+    layer reads them (after the QuantizeLinear/DequantizeLinear pair that is its ReLU)."""
+    path = INT8_V1
     plain = load_model(path)
     data, meta = augment(path.read_bytes(), plain.meta)
     (tmp_path / "int8.onnx").write_bytes(data)

@@ -108,10 +108,12 @@ def test_the_eval_metrics_model_entry_gives_the_same_rows(trained):
 
 def test_the_packaged_default_model(tmp_path):
     doc = info.describe(load_model(threads=1))
-    assert doc["precision"] == "int8" and doc["opset"] == 18
+    assert doc["precision"] == "fp32" and doc["opset"] == 18
     assert doc["integrity"]["verified"] is True and "pinned" in doc["integrity"]["text"]
     rows = dict(info.training_pairs(doc["training"]))
-    assert rows["quantised"].startswith("int8 weights per channel")
+    assert "quantised" not in rows
+    assert rows["calibrated"].startswith("temperature scaling, T 1.796")
+    assert rows["threshold chosen"].startswith("for sensitivity:0.9 on 250 val images")
 
 
 def test_a_model_without_training_summary(tmp_path):

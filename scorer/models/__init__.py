@@ -4,4 +4,4 @@ The loader refuses a packaged default whose bytes do not hash to DEFAULT_SHA256:
 modified installation must not score silently. Replacing default.onnx means updating this pin
 (and MODEL_CARD.md, which quotes the model id, its first 12 hex digits).
 """
-DEFAULT_SHA256 = "77bfe169eae4cb2cedad25a39841573dd991763e5a0f2593a505ab7e2f5f80f0"
+DEFAULT_SHA256 = "d75d0f68f49db9224db740cc7a50d8ccd26705e3368d3ee310d5588b4169a68c"
