@@ -96,6 +96,7 @@ def ci(m: dict) -> str:
     return f"[{m['low']:.3f}, {m['high']:.3f}]"
 
 
+@pytest.mark.realdata
 def test_card_headline_is_the_recipes_evaluation(recipe):
     _, metrics = recipe
     at_model, at_target = metrics["operating_points"]["model"], metrics["operating_points"]["target"]
@@ -180,6 +181,7 @@ def test_metadata_names_no_place_of_the_build_machine():
     assert not places, places
 
 
+@pytest.mark.realdata
 def test_training_table_is_the_splits_train_and_val(recipe):
     clean, _ = recipe
     expected: dict[bytes, int] = {}
