@@ -5,9 +5,8 @@
 #
 # Steps: lay out the real X-rays, audit them, make a leak-free split from that audit (fixed
 # seed), train ResNet18 from random init with full fine-tuning on the CPU for a fixed number of
-# epochs, export with parity, temperature scaling and a threshold chosen on validation (fp32 +
-# int8 when it passes the accuracy check), evaluate once on the leak-free test split, and copy
-# the chosen model into the package. Needs `pip install -e ".[train]"`.
+# epochs, export (fp32) with parity, temperature scaling and a threshold chosen on validation,
+# evaluate once on the leak-free test split, and copy the model into the package. Needs `pip install -e ".[train]"`.
 # tests/test_default_model.py reads this file: the options below must stay the model's.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -128,17 +128,18 @@ class WeightAverage:
         self.net = copy.deepcopy(model).eval()
         self.net.requires_grad_(False)
         self.decay, self.steps = decay, steps
-        self._pairs = list(zip(self.net.state_dict().values(), model.state_dict().values()))
+        pairs = list(zip(self.net.state_dict().values(), model.state_dict().values()))
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._current = [b for a, b in pairs if a.is_floating_point()]
+        self._counters = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         self.steps += 1
         w = 1 - min(self.decay, (1 + self.steps) / (10 + self.steps))
-        floats = [(a, b) for a, b in self._pairs if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], w)
-        for a, b in self._pairs:
-            if not a.is_floating_point():
-                a.copy_(b)  # batch counters
+        torch._foreach_lerp_(self._averaged, self._current, w)
+        for a, b in self._counters:  # batch-norm batch counters
+            a.copy_(b)
 
 
 def resolve_device(name: str) -> torch.device:
