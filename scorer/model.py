@@ -146,14 +146,14 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
     # another core while onnxruntime builds the session: a third of the load time.
     with ThreadPoolExecutor(max_workers=1) as pool:
         sha_future = pool.submit(sha256_bytes, data)
-        digest_future = None
+        digest_future, unreadable = None, None
         try:
             props = modelfile.read_props(data)
-            raw = metadata_dict(props)
-            if pinned is None and _format_version(raw) >= 2:
-                digest_future = pool.submit(modelfile.check_digest, data, raw)
-        except ContractError:
-            props = None  # reported below, after the checks that come first
+            if pinned is None:  # a version-1 file has no digest: the future fails at once, unread
+                digest_future = pool.submit(modelfile.check_digest, data,
+                                            metadata_dict(props, f"model {source}"))
+        except ContractError as e:
+            unreadable = e  # reported below, after the checks that come first
         try:
             session = _session(data, source, providers, threads)
         finally:
@@ -165,15 +165,12 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
                     "or was modified. Reinstall fxscore (pip install --force-reinstall), or pass "
                     "--model PATH")
         try:
-            if props is None:
-                props = modelfile.read_props(data)  # raises the error seen above
+            if unreadable is not None:
+                raise unreadable
             meta = ModelMeta.from_props(props, f"model {source}")
             if pinned is not None:  # the file is the release's byte for byte: a digest adds nothing
                 integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
             elif meta.format_version >= 2:
-                if digest_future is None:  # the version came out differently from the JSON
-                    digest_future = pool.submit(modelfile.check_digest, data,
-                                                metadata_dict(props))
                 digest = digest_future.result()
                 integrity = f"verified: digest {digest[:23]}... matches"
             else:
@@ -200,13 +197,6 @@ def _session(data: bytes, source: str, providers: tuple[str, ...],
         raise ModelError("onnxruntime could not start the CUDA provider (is the CUDA runtime "
                          "installed and a GPU visible?); use --provider cpu")
     return session
-
-
-def _format_version(raw: object) -> int:
-    """The format version the metadata JSON states, 0 where it states none that could be valid
-    (`ModelMeta.from_props` then reports why)."""
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    return version if isinstance(version, int) else 0
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
