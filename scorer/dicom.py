@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -323,6 +324,9 @@ def _first_frame(f, header: Header, name: str) -> np.ndarray:
     ds = header.ds
     syntax = ds.file_meta.TransferSyntaxUID
     try:
+        view = _native_frame(f, header)
+        if view is not None:
+            return view
         if header.inflater is not None:
             _attach_inflated_pixels(header, name)
             return pixel_array(ds, index=0)
@@ -341,6 +345,63 @@ def _first_frame(f, header: Header, name: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001
         raise ImageReadError(f"{name}: cannot decode DICOM pixel data: "
                              f"{_decoder_hint(syntax, e)}") from e
+
+
+_NATIVE_LITTLE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # -> implicit VR
+
+
+def _native_frame(f, header: Header) -> np.ndarray | None:
+    """The first frame of native little-endian greyscale pixels (8 or 16 bits allocated), as
+    pydicom's pixel_array gives it, but without its copy: a read-only view of the file's bytes
+    when they are already in memory (a BytesIO), else of one read of the frame. Unused high
+    bits are corrected as pydicom does (shifted out) only when some pixel has them set. None
+    for everything else, and for anything unexpected at the pixel element: pydicom decodes it.
+    """
+    ds = header.ds
+    implicit = _NATIVE_LITTLE.get(str(ds.file_meta.TransferSyntaxUID))
+    if implicit is None or header.inflater is not None or sys.byteorder != "little":
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        allocated = int(ds.BitsAllocated)
+        stored = int(ds.get("BitsStored") or allocated)
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        grey = str(ds.get("PhotometricInterpretation", "")).strip().upper() in (
+            "MONOCHROME1", "MONOCHROME2")
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not grey or samples != 1 or allocated not in (8, 16) or not 1 <= stored <= allocated:
+        return None
+    start = f.tell()
+    element = f.read(8 if implicit else 12)
+    f.seek(start)
+    if len(element) < 8 or element[:4] != b"\xe0\x7f\x10\x00":  # (7FE0,0010) Pixel Data
+        return None
+    if not implicit and element[4:6] not in (b"OB", b"OW"):
+        return None
+    length = struct.unpack("<L", element[-4:])[0]
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    count = rows * cols
+    if length == 0xFFFFFFFF or length < count * dtype.itemsize:
+        return None  # encapsulated, or short: pydicom says what is wrong
+    offset = start + len(element)
+    getvalue = getattr(f, "getvalue", None)
+    if getvalue is not None:
+        buffer, at = getvalue(), offset  # a BytesIO over bytes: its value is those bytes
+    else:
+        f.seek(offset)
+        buffer, at = f.read(count * dtype.itemsize), 0
+        f.seek(start)
+    if len(buffer) < at + count * dtype.itemsize:
+        return None
+    arr = np.frombuffer(buffer, dtype=dtype, count=count, offset=at).reshape(rows, cols)
+    if stored < allocated:
+        lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+        if (signed and int(arr.min()) < lo) or int(arr.max()) > hi:
+            shift = allocated - stored  # pydicom's correction of unused bits
+            arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
 
 
 def _attach_inflated_pixels(header: Header, name: str) -> None:

@@ -67,8 +67,6 @@ DECODE_OVERHEAD = 1.0
 PER_FILE = 2 << 20
 # When a header cannot be read (a file that is not an image) the estimate is its size times this.
 UNKNOWN_FACTOR = 4
-# After a decode this large, freed memory is handed back to the OS (see _give_back_freed_memory).
-TRIM_ABOVE = 32 << 20
 
 # Keys a result row may carry beside its columns (never written as columns):
 EXCLUDED = "excluded"  # the reason a file was excluded (scorable); such a row is not written
@@ -209,7 +207,6 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     budget = memory if isinstance(memory, MemoryBudget) else MemoryBudget(memory)
-    _tune_malloc()
     threshold = model.meta.threshold if threshold is None else float(threshold)
     items = iter(items)
     capacity = batch_size * (prefetch + 1)
@@ -219,6 +216,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
     # the check, and only colour-stored files need more than a header read for it.
     colour = OOD_SCORE in roles and bool(model.meta.ood)
     workers = workers or available_cpus()
+    _tune_malloc(budget, workers)
     own = isolated is None
     if own:
         isolated = make_isolated(workers, dicom.decode_timeout if dicom else None)
@@ -230,7 +228,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
                     return
                 name, path = item
                 pending.append((name, path, pool.submit(_load, path, params, budget, dicom,
-                                                        isolated, colour)))
+                                                        isolated, colour, workers)))
 
         try:
             fill()
@@ -289,7 +287,7 @@ def estimate_nbytes(f: BinaryIO, size: int, min_size: tuple[int, int] | None = N
 
 def _load(path: Path, params: Preprocess, budget: MemoryBudget,
           dicom: DicomOptions | None = None, isolated: Isolated | None = None,
-          colour: bool = False) -> _Loaded:
+          colour: bool = False, workers: int = 1) -> _Loaded:
     """Read, hash, decode and preprocess one file in a worker.
 
     A DICOM header is read first, from the open file: with `dicom`, a file it excludes is read
@@ -330,7 +328,7 @@ def _load(path: Path, params: Preprocess, budget: MemoryBudget,
                     del data
                     return _Loaded(sha, x, extra, ds, where=where, colour=is_colour)
                 finally:
-                    if need >= TRIM_ABOVE:
+                    if need > keep_per_arena(budget, workers):
                         data = None
                         _give_back_freed_memory()  # before the budget admits the next file
     except BudgetClosed:
@@ -451,15 +449,19 @@ def _write_sr(model: Model, threshold: float, row: Row, r: _Loaded, out_dir: Pat
         row[SR_ERROR] = why
 
 
-# glibc keeps memory freed by a thread in that thread's malloc arena instead of returning it to
-# the OS, so with N decoding threads the process would keep N images' worth of memory although
-# the budget lets only one be decoded at a time (measured: 4 large PNGs decoded one at a time
-# by 4 workers peaked at 489 MiB RSS, 210 MiB with 1 worker). Two remedies, both glibc-only and
-# a no-op elsewhere: allocations of MMAP_ABOVE or more are served by mmap (a fixed threshold;
-# glibc's default one creeps up to 32 MiB, which Pillow's 16 MiB image blocks stay under), so
-# freeing one unmaps it; and malloc_trim after each large decode returns the rest.
-MMAP_ABOVE = 8 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+# glibc keeps memory freed by a thread in that thread's malloc arena, so with N decoding threads
+# the process could keep N images' worth of memory although the budget lets only one be decoded
+# at a time (measured: 4 large PNGs decoded one at a time by 4 workers peaked at 489 MiB RSS,
+# 210 MiB with 1 worker). Returning every large block to the OS is no cure either: the next
+# file faults the pages back in, and for a 2000 x 2500 DICOM that doubled the CPU per file
+# (33 vs 17 ms; ~9,600 page faults). So blocks below MMAP_ABOVE come from the arenas, and
+# free() trims an arena only when its free top exceeds `keep_per_arena`: the workers together
+# keep up to a quarter of the decode budget (at most RETAIN_MAX) for the next decode. A file
+# whose decode needed more than that is followed by malloc_trim, which also returns free
+# memory inside the arenas. glibc only (mallopt parameters from its malloc.h); a no-op elsewhere.
+MMAP_ABOVE = 32 << 20  # glibc's largest mmap threshold on 64-bit
+RETAIN_MAX = 512 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _libc: Any = None
 
 
@@ -478,10 +480,18 @@ def _glibc() -> Any:
     return _libc
 
 
-def _tune_malloc() -> None:
+def keep_per_arena(budget: MemoryBudget, workers: int) -> int:
+    """Free bytes each decoding thread's arena keeps for its next decode (glibc's trim
+    threshold): a quarter of the budget, at most RETAIN_MAX, shared by the workers."""
+    share = min(RETAIN_MAX, budget.limit // 4) if budget.limit else RETAIN_MAX
+    return max(128 << 10, share // max(1, workers))
+
+
+def _tune_malloc(budget: MemoryBudget, workers: int) -> None:
     libc = _glibc()
     if libc:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_ABOVE)
+        libc.mallopt(_M_TRIM_THRESHOLD, min(keep_per_arena(budget, workers), 2**31 - 1))
 
 
 def _give_back_freed_memory() -> None:

@@ -22,7 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          SecondaryCaptureImageStorage, generate_uid)
 
 from conftest import REPO
@@ -167,6 +168,60 @@ def test_odd_encapsulation_read_through_the_whole_data_set():
     ds = pydicom.dcmread(path)
     expected = ds.pixel_array.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255
     np.testing.assert_allclose(read_image(path), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- native frames
+
+_DIRTY = np.array([[0, 1, 4095, 4096], [0xF123, 0x8000, 0x0FFF, 0xFFFF]], dtype=np.uint16)
+
+
+@pytest.mark.parametrize("pixels, bits, syntax", [
+    (_DIRTY & 0x0FFF, 12, ExplicitVRLittleEndian),  # clean 12-bit: the view itself
+    (_DIRTY, 12, ExplicitVRLittleEndian),  # high bits set: masked as pydicom masks them
+    (_DIRTY, 16, ImplicitVRLittleEndian),
+    (_DIRTY.view(np.int16), 12, ExplicitVRLittleEndian),  # signed: sign-extended from bit 11
+    (np.array([[-2048, 2047], [-1, 0]], np.int16), 12, ImplicitVRLittleEndian),
+    (np.arange(24, dtype=np.uint8).reshape(2, 3, 4) * 11, 6, ExplicitVRLittleEndian),  # frames
+])
+def test_native_frame_is_pydicoms_without_the_copy(tmp_path, pixels, bits, syntax):
+    """Native little-endian greyscale is read as a view of the bytes (no copy), and equals
+    pydicom's pixel_array exactly, dtype included: from memory and from an open file."""
+    path = write_dicom(tmp_path / "a.dcm", pixels, bits=bits, syntax=syntax)
+    expected = pydicom.pixels.pixel_array(path, index=0)
+    data = path.read_bytes()
+    for source in (io.BytesIO(data), open(path, "rb")):
+        with source:
+            header = dicom.read_header(source, "a.dcm")
+            arr = dicom._native_frame(source, header)
+        assert arr is not None
+        assert arr.dtype == expected.dtype and np.array_equal(arr, expected)
+    with io.BytesIO(data) as f:
+        arr = dicom._native_frame(f, dicom.read_header(f, "a.dcm"))
+    stored = pixels.reshape(-1, *pixels.shape[-2:])[0]
+    # a view of `data` unless some pixel's unused bits had to be cleared
+    assert np.shares_memory(arr, np.frombuffer(data, np.uint8)) == np.array_equal(arr, stored)
+
+
+@pytest.mark.parametrize("case", ["big endian", "rgb", "32 bit", "short", "palette"])
+def test_native_frame_leaves_other_layouts_to_pydicom(tmp_path, case):
+    grey = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    path = {
+        "big endian": lambda p: write_dicom(p, grey, syntax=ExplicitVRBigEndian),
+        "rgb": lambda p: write_dicom(p, np.zeros((3, 4, 3), np.uint8), "RGB", bits=8),
+        "32 bit": lambda p: write_dicom(p, grey.astype(np.uint32), bits=32),
+        "short": lambda p: _short_pixels(write_dicom(p, grey)),
+        "palette": lambda p: write_dicom(p, grey, "PALETTE COLOR"),
+    }[case](tmp_path / "a.dcm")
+    with open(path, "rb") as f:
+        assert dicom._native_frame(f, dicom.read_header(f, "a.dcm")) is None
+
+
+def _short_pixels(path: Path) -> Path:
+    """The pixel element's length says fewer bytes than Rows x Columns need."""
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:-2]
+    ds.save_as(path)
+    return path
 
 
 # ---------------------------------------------------------------------------- lookup table

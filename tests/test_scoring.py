@@ -296,6 +296,46 @@ def test_decoding_stays_within_the_budget(model, tmp_path, monkeypatch):
     assert budget.in_use == 0
 
 
+def _large_dicom(path: Path) -> Path:
+    """A 2000 x 2500 12-bit DX image, uncompressed: 10 MB of pixels, 20 MB as float32."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
+    ds.Rows, ds.Columns = 2500, 2000
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    pixels = np.random.default_rng(0).integers(0, 4096, (2500, 2000), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("budget, reused", [(1 << 30, True), (16 << 20, False)])
+def test_large_decodes_reuse_freed_memory_within_a_share_of_the_budget(model, tmp_path,
+                                                                        budget, reused):
+    """What a large decode frees is kept for the next one, up to `keep_per_arena` (a quarter of
+    the budget over the workers): returning it each time made the next decode fault ~10,000
+    pages back in (a 20 MB float image alone is 4,900). Under a budget too small to keep it,
+    it is returned, and the page faults come back."""
+    import resource
+
+    path = _large_dicom(tmp_path / "big.dcm")
+    memory = scoring.MemoryBudget(budget)
+    scoring._tune_malloc(memory, 1)
+    params = model.meta.preprocess
+    assert not isinstance(scoring._load(path, params, memory).x, str)  # faults its pages in
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        assert not isinstance(scoring._load(path, params, memory).x, str)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    assert (faults < 1000) == reused, f"{faults:.0f} page faults per file"
+
+
 def test_estimate_counts_the_decoded_pixels(tmp_path):
     Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "rgb.png")
     (tmp_path / "junk.png").write_bytes(b"x" * 1000)
