@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,37 @@ def test_reads_ahead_only_a_bounded_number_of_files(model, tmp_path):
     # three batches delivered, the fourth being decoded, two more queued behind it
     assert pulled <= 4 * 3 + 4 * 3
     rows.close()  # an abandoned run stops cleanly
+
+
+@pytest.mark.parametrize("cpus, gated", [(2, True), (64, False)])
+def test_decoding_waits_for_the_model_only_where_they_would_share_cpus(
+        model, mixed, monkeypatch, cpus, gated):
+    """The model (1 thread) and 2 decode threads on 2 CPUs: no file starts decoding while a
+    batch runs; with CPUs to spare, decoding goes on beside the model. The rows are the same."""
+    monkeypatch.setattr(scoring, "available_cpus", lambda: cpus)
+    batches, starts = [], []
+    score, open_regular = scoring._score, scoring.open_regular
+
+    def slow_score(*args, **kwargs):
+        t0 = time.perf_counter()
+        time.sleep(0.03)  # a model batch long enough for decoders to show themselves
+        try:
+            return score(*args, **kwargs)
+        finally:
+            batches.append((t0, time.perf_counter()))
+
+    def opened(path):
+        starts.append(time.perf_counter())
+        time.sleep(0.01)  # a decode slow enough to keep a backlog of files
+        return open_regular(path)
+
+    monkeypatch.setattr(scoring, "_score", slow_score)
+    monkeypatch.setattr(scoring, "open_regular", opened)
+    rows = list(score_items(model, mixed, batch_size=4, workers=2))
+    assert len(rows) == len(mixed) and len(starts) == len(mixed)
+    # a worker past the gate before it closed may open its file a moment after: 5 ms of grace
+    during = sum(t0 + 0.005 < t < t1 for t in starts for t0, t1 in batches)
+    assert (during == 0) == gated, f"{during} of {len(starts)} decodes began during a batch"
 
 
 def test_label_uses_the_model_threshold(tmp_path):
