@@ -4,7 +4,9 @@ A model that is missing, is not ONNX, carries no fxscore metadata, whose metadat
 out of range, whose digest does not match its contents, or whose graph disagrees with its
 metadata fails here with a `ModelError` naming the file and the fix, not halfway through a
 night's batch job. The file is read once: the bytes hashed (model id, digest, the packaged
-model's pin) are the bytes onnxruntime runs.
+model's pin) are the bytes onnxruntime runs, or (from a model's second load on this CPU) the
+graph onnxruntime optimised from a file with that same digest, verified again on every load
+(`fxscore.sessioncache`).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from . import modelfile
-from .contract import ContractError, ModelMeta, metadata_dict
+from . import modelfile, sessioncache
+from .contract import DIGEST_KEY, ContractError, ModelMeta, metadata_dict
 from .cpus import available_cpus  # noqa: F401 - re-exported: fxscore.model.available_cpus
 from .hashing import sha256_bytes
 from .models import DEFAULT_SHA256
@@ -146,57 +148,100 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
     # another core while onnxruntime builds the session: a third of the load time.
     with ThreadPoolExecutor(max_workers=1) as pool:
         sha_future = pool.submit(sha256_bytes, data)
-        digest_future, unreadable = None, None
+        digest_future, unreadable, claimed = None, None, pinned
         try:
             props = modelfile.read_props(data)
             if pinned is None:  # a version-1 file has no digest: the future fails at once, unread
-                digest_future = pool.submit(modelfile.check_digest, data,
-                                            metadata_dict(props, f"model {source}"))
+                meta_dict = metadata_dict(props, f"model {source}")
+                digest_future = pool.submit(modelfile.check_digest, data, meta_dict)
+                claimed = _claimed_digest(meta_dict)
         except ContractError as e:
             unreadable = e  # reported below, after the checks that come first
+        # A cached optimised graph is looked up by the digest the file claims; the claim is
+        # verified below (pin or digest) before the session is returned, or nothing is.
+        entry = sessioncache.entry_path(claimed) if claimed and _cpu_only(providers) else None
+        tmp = None
         try:
-            session = _session(data, source, providers, threads)
-        finally:
-            sha256 = sha_future.result()
-            if pinned is not None and sha256 != pinned:
-                raise ModelError(
-                    f"{source}: its sha256 {sha256[:16]}... is not the {pinned[:16]}... this "
-                    "fxscore release pins for its default model, so the installation is damaged "
-                    "or was modified. Reinstall fxscore (pip install --force-reinstall), or pass "
-                    "--model PATH")
-        try:
-            if unreadable is not None:
-                raise unreadable
-            meta = ModelMeta.from_props(props, f"model {source}")
-            if pinned is not None:  # the file is the release's byte for byte: a digest adds nothing
-                integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
-            elif meta.format_version >= 2:
-                digest = digest_future.result()
-                integrity = f"verified: digest {digest[:23]}... matches"
-            else:
-                integrity = ("unverified: format version 1 carries no digest (re-export it with "
-                             "this fxscore to add one)")
-        except ContractError as e:
-            message = str(e) if str(e).startswith("model ") else f"model {source}: {e}"
-            raise ModelError(message) from e
+            try:
+                session, tmp = _session(data, source, providers, threads, entry)
+            finally:  # a damaged default model is reported as such, whatever else fails
+                sha256 = sha_future.result()
+                if pinned is not None and sha256 != pinned:
+                    raise ModelError(
+                        f"{source}: its sha256 {sha256[:16]}... is not the {pinned[:16]}... "
+                        "this fxscore release pins for its default model, so the installation "
+                        "is damaged or was modified. Reinstall fxscore (pip install "
+                        "--force-reinstall), or pass --model PATH")
+            try:
+                if unreadable is not None:
+                    raise unreadable
+                meta = ModelMeta.from_props(props, f"model {source}")
+                if pinned is not None:  # the release's file byte for byte: a digest adds nothing
+                    integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
+                elif meta.format_version >= 2:
+                    digest = digest_future.result()
+                    integrity = f"verified: digest {digest[:23]}... matches"
+                else:
+                    integrity = ("unverified: format version 1 carries no digest (re-export it "
+                                 "with this fxscore to add one)")
+            except ContractError as e:
+                message = str(e) if str(e).startswith("model ") else f"model {source}: {e}"
+                raise ModelError(message) from e
+            _check_graph(session, meta, source)
+        except BaseException:
+            sessioncache.discard(tmp)  # an optimised graph of a file that failed is not kept
+            raise
+    if tmp is not None:
+        sessioncache.commit(tmp, entry)
     verified = integrity.startswith("verified")
-    _check_graph(session, meta, source)
     return Model(session=session, meta=meta, model_id=sha256[:12], path=path,
                  verified=verified, integrity=integrity)
 
 
-def _session(data: bytes, source: str, providers: tuple[str, ...],
-             threads: int | None) -> ort.InferenceSession:
-    names = _provider_names(providers)
+def _claimed_digest(meta: dict) -> str | None:
+    """The digest a format-2 file records for itself (checked later by the loader), else None."""
     try:
-        session = ort.InferenceSession(data, session_options(threads), providers=names)
+        version = int(meta.get("format_version", 1))
+    except (TypeError, ValueError):
+        return None
+    digest = meta.get(DIGEST_KEY)
+    return digest if version >= 2 and isinstance(digest, str) else None
+
+
+def _cpu_only(providers: tuple[str, ...]) -> bool:
+    return _provider_names(providers) == ["CPUExecutionProvider"]
+
+
+def _session(data: bytes, source: str, providers: tuple[str, ...], threads: int | None,
+             entry: Path | None = None) -> tuple[ort.InferenceSession, Path | None]:
+    """The session, and the temporary file its optimised graph was written to for the cache
+    (None when it came from the cache, or the cache is off or not writable)."""
+    names = _provider_names(providers)
+    if entry is not None and entry.is_file():
+        options = session_options(threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = ort.InferenceSession(entry.read_bytes(), options, providers=names)
+            sessioncache.used(entry)
+            return session, None
+        except Exception:  # noqa: BLE001 - a damaged or foreign entry: build from the file
+            sessioncache.discard(entry)
+    tmp = sessioncache.writable_tmp(entry) if entry is not None else None
+    options = session_options(threads)
+    if tmp is not None:
+        options.optimized_model_filepath = str(tmp)
+    try:
+        session = ort.InferenceSession(data, options, providers=names)
     except Exception as e:  # onnxruntime raises its own exception types, all meaning "unusable"
+        sessioncache.discard(tmp)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model {source} is not a valid ONNX model: {first}") from e
+    if tmp is not None and not tmp.is_file():
+        tmp = None  # onnxruntime could not write it: no entry this time
     if "CUDAExecutionProvider" in names and "CUDAExecutionProvider" not in session.get_providers():
         raise ModelError("onnxruntime could not start the CUDA provider (is the CUDA runtime "
                          "installed and a GPU visible?); use --provider cpu")
-    return session
+    return session, tmp
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

@@ -1,16 +1,24 @@
 """Shared fixtures: the real X-rays in ../shared/data, laid out once per session, and tiny models."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Optimised graphs (fxscore.sessioncache) go to a directory of this test session, never the
+# user's cache; the subprocesses tests start inherit it.
+_CACHE = tempfile.mkdtemp(prefix="fxscore-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["FXSCORE_CACHE_DIR"] = _CACHE
 SAMPLE_DATA = REPO / "sample_data"
 REAL_DATA = Path(os.environ.get("FXSCORE_REAL_DATA",
                                 REPO.parent / "shared" / "data" / "fracture-multi-region"))

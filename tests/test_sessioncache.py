@@ -1,0 +1,106 @@
+"""fxscore.sessioncache: a model's optimised graph is cached per digest, onnxruntime and CPU,
+used only for a file that passes the same checks, and scores bit-identically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fxscore import sessioncache
+from fxscore.contract import META_KEY
+from fxscore.model import ModelError, load_model
+from fxscore.modelfile import read_props
+
+from onnx_models import convnet_proto, make_convnet, make_meta, make_model, write_with_props
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(sessioncache.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache" / "ort"
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*.onnx")) if cache.exists() else []
+
+
+def scores(model, seed: int = 0) -> np.ndarray:
+    h, w = model.meta.preprocess.input_size
+    x = np.random.default_rng(seed).standard_normal((4, 3, h, w)).astype(np.float32)
+    return model.predict(x)
+
+
+@pytest.mark.parametrize("which", ["convnet", "packaged default"])
+def test_second_load_uses_the_cached_graph_and_scores_identically(cache, tmp_path,
+                                                                  monkeypatch, which):
+    path = make_convnet(tmp_path / "m.onnx") if which == "convnet" else None
+    cold = load_model(path, threads=1)
+    [entry] = entries(cache)
+    assert sessioncache.cpu_key() in entry.name
+    entry_bytes, mtime = entry.read_bytes(), entry.stat().st_mtime_ns
+    warm = load_model(path, threads=1)
+    assert entries(cache) == [entry] and entry.read_bytes() == entry_bytes
+    assert entry.stat().st_mtime_ns >= mtime  # marked used
+    level = ort.GraphOptimizationLevel
+    assert cold.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
+    # built from the entry, already optimised, not from the file
+    assert warm.session.get_session_options().graph_optimization_level == level.ORT_DISABLE_ALL
+    monkeypatch.setenv(sessioncache.CACHE_ENV, "off")
+    fresh = load_model(path, threads=1)
+    for seed in range(3):
+        assert np.array_equal(scores(cold, seed), scores(warm, seed))
+        assert np.array_equal(scores(cold, seed), scores(fresh, seed))
+    assert warm.model_id == cold.model_id and warm.integrity == cold.integrity
+
+
+def test_cache_off_writes_nothing(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(sessioncache.CACHE_ENV, "off")
+    load_model(make_convnet(tmp_path / "m.onnx"))
+    assert sessioncache.cache_dir() is None and entries(cache) == []
+
+
+def test_a_damaged_entry_is_replaced_not_used(cache, tmp_path):
+    path = make_convnet(tmp_path / "m.onnx")
+    expected = scores(load_model(path, threads=1))
+    [entry] = entries(cache)
+    entry.write_bytes(b"not an onnx graph")
+    model = load_model(path, threads=1)
+    assert np.array_equal(scores(model), expected)
+    assert entry.read_bytes() != b"not an onnx graph"  # rebuilt from the file and cached again
+
+
+def test_a_tampered_file_claiming_a_cached_digest_is_refused(cache, tmp_path):
+    """The cache is looked up by the digest a file claims; the claim is still checked, so a
+    file with other weights and a copied digest fails instead of scoring the cached graph."""
+    meta = make_meta()
+    good = make_convnet(tmp_path / "good.onnx", meta)
+    load_model(good)
+    [entry] = entries(cache)
+    claimed = {META_KEY: read_props(good.read_bytes())[META_KEY]}  # its digest included
+    bad = write_with_props(convnet_proto(meta, seed=1), tmp_path / "bad.onnx", None, claimed)
+    with pytest.raises(ModelError, match="do not match the digest"):
+        load_model(bad)
+    assert entries(cache) == [entry]
+
+
+def test_files_without_a_digest_are_not_cached(cache, tmp_path):
+    load_model(make_model(tmp_path / "v1.onnx", make_meta(format_version=1), digest=False))
+    assert entries(cache) == []
+
+
+def test_an_unusable_cache_directory_only_costs_the_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory would be")
+    monkeypatch.setenv(sessioncache.CACHE_ENV, str(blocker))
+    model = load_model(make_convnet(tmp_path / "m.onnx"))
+    assert model.verified
+
+
+def test_least_recently_used_entries_beyond_keep_are_removed(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(sessioncache, "KEEP", 2)
+    for seed in range(3):
+        load_model(make_convnet(tmp_path / f"m{seed}.onnx", seed=seed))
+    assert len(entries(cache)) == 2
