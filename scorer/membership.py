@@ -277,8 +277,8 @@ _CACHE: "weakref.WeakKeyDictionary[Any, TrainingData | None]" = weakref.WeakKeyD
 def training_data(model) -> TrainingData | None:
     """The table a loaded `fxscore.model.Model` carries, or None when it carries none.
 
-    Read from the onnxruntime session (the very bytes that were verified and are scored), and
-    checked against the metadata's summary. Decoded once per session.
+    Read from the file's metadata as the loader verified it (a session built from the graph
+    cache need not keep it), and checked against the metadata's summary. Decoded once per session.
     """
     summary = model.meta.training_data
     if not summary:
@@ -286,7 +286,8 @@ def training_data(model) -> TrainingData | None:
     session = model.session
     if session in _CACHE:
         return _CACHE[session]
-    props = session.get_modelmeta().custom_metadata_map
+    props = (model.props if model.props is not None
+             else session.get_modelmeta().custom_metadata_map)
     if ENTRY not in props:
         raise MembershipError(f"model {model.path}: its metadata records a training-data table "
                               f"but the file has no '{ENTRY}' entry (stripped by another tool?); "

@@ -47,6 +47,8 @@ class Model:
     path: Path
     verified: bool = False  # its digest matched, or it is the pinned packaged default model
     integrity: str = "unverified"  # one line for the user: how (or whether) it was verified
+    # the file's metadata_props, as verified: a session from the graph cache may not keep them
+    props: dict[str, str] | None = None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """NCHW float32 batch -> probability of the positive class, shape [N].
@@ -195,7 +197,7 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
         sessioncache.commit(tmp, entry)
     verified = integrity.startswith("verified")
     return Model(session=session, meta=meta, model_id=sha256[:12], path=path,
-                 verified=verified, integrity=integrity)
+                 verified=verified, integrity=integrity, props=props)
 
 
 def _claimed_digest(meta: dict) -> str | None:
