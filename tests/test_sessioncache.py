@@ -104,3 +104,26 @@ def test_least_recently_used_entries_beyond_keep_are_removed(cache, tmp_path, mo
     for seed in range(3):
         load_model(make_convnet(tmp_path / f"m{seed}.onnx", seed=seed))
     assert len(entries(cache)) == 2
+
+
+def test_the_cpu_key_follows_what_the_cpu_reports_to_programs_not_proc_cpuinfo(tmp_path):
+    """qemu-user passes the host's /proc/cpuinfo through while its CPUID reports a Haswell; a key
+    read from /proc/cpuinfo handed the emulated AVX2 CPU a graph laid out for AVX-512 and scores
+    off by 0.3 (caught by tests/test_export_quantize.py). The key must differ there."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import cpu_flags
+
+    if "avx512f" not in cpu_flags():
+        pytest.skip("this CPU has no AVX-512: a Haswell's key would match it legitimately")
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user)")
+    done = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, "-c",
+                           "from fxscore.sessioncache import cpu_key; print(cpu_key())"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    emulated = done.stdout.strip()
+    assert len(emulated) == 12 and emulated != sessioncache.cpu_key()
