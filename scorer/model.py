@@ -223,7 +223,7 @@ def _session(data: bytes, source: str, providers: tuple[str, ...], threads: int 
         options = session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            session = ort.InferenceSession(entry.read_bytes(), options, providers=names)
+            session = ort.InferenceSession(str(entry), options, providers=names)
             sessioncache.used(entry)
             return session, None
         except Exception:  # noqa: BLE001 - a damaged or foreign entry: build from the file
