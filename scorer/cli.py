@@ -14,7 +14,7 @@ import click
 from . import __version__
 
 from . import exitcodes
-from .rayrun import ray_options
+from .rayoptions import ray_options
 
 EXIT_SOME_FAILED = exitcodes.SOME_FAILED
 # The same command as the README's: fxscore is installed from its source folder.
@@ -328,12 +328,11 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
 
     from .model import ModelError, load_model
     from .output import OutputError
+    from .rayoptions import check_options as check_ray_options
     from .runner import RunError, Summary, output_format, run_job
     from .scoring import DicomOptions
 
     ctx = click.get_current_context()
-    from .rayrun import check_options as check_ray_options, ray_job
-
     check_ray_options(ctx)  # --ray with an option it cannot serve: exit 2 before any work
     summary = Summary(input=input_path, out=out)
     dicom = DicomOptions(modalities=modalities, for_processing=for_processing,
@@ -360,8 +359,12 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
         set_interrupt_hint(resume)
         started = True
         with _RunProgress(summary, enabled=not quiet) as progress:
-            job = (ray_job(threads=threads, workers=workers, **ray_settings)
-                   if ray_settings["ray"] else run_job)
+            if ray_settings["ray"]:
+                from .rayrun import ray_job  # only --ray pays for its imports
+
+                job = ray_job(threads=threads, workers=workers, **ray_settings)
+            else:
+                job = run_job
             # (with --ray, check_ray_options above has refused --heatmaps)
             heatmap_kw = ({"heatmaps": heatmaps, "heatmaps_for": heatmaps_for}
                           if heatmaps else {})

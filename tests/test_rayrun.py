@@ -4,8 +4,8 @@ mid-run and resumed; --shard; 127.0.0.1 only; a million paths in flat memory; a 
 two-node cluster (two raylets on this machine), one actor on each node.
 
 The tests marked `ray` need the [ray] extra and share one local cluster (2 CPUs), but for the
-two-node one, which starts its own; the others (options, imports, the actor's settings) run in
-every install, Ray or not.
+two-node one, which starts its own; the others (imports, the actor's settings) run in every
+install, Ray or not. The --ray options are tests/test_rayoptions.py's.
 """
 from __future__ import annotations
 
@@ -64,59 +64,7 @@ def single_process(model, root: Path, out: Path, **options) -> list[tuple]:
     return read_rows(out)
 
 
-# ---- without Ray: options, imports, the actor's settings -----------------------------------------
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, ["run", *map(str, args)])
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--ray", "local"], "--out -"),  # stdout: the default --out
-    (["--ray", "local", "--out", "x.csv", "--provider", "cuda"], "--provider cuda"),
-    (["--ray", "auto", "--out", "x.csv", "--ray-cpus", "2"], "--ray-cpus with a running"),
-    (["--out", "x.csv", "--ray-cpus", "2"], "--ray-cpus needs --ray"),
-    (["--out", "x.csv", "--ray-actors", "2"], "--ray-actors needs --ray"),
-    (["--ray", "local", "--out", "x.csv", "--ray-actors", "3,1"], "1 <= MIN <= MAX"),
-    (["--ray", "local", "--out", "x.csv", "--ray-actors", "two"], "N or MIN,MAX"),
-    (["--ray", "local", "--out", "x.csv", "--ray-batch-size", "0"], "--ray-batch-size"),
-])
-def test_options_that_cannot_work_are_refused_with_exit_2(args, message, tmp_path,
-                                                          monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = run_cli(SAMPLE_DATA, *args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert not (tmp_path / "x.csv").exists()  # refused before anything was written
-
-
-def test_every_run_option_is_decided_for_ray():
-    """A new `run` option must be added to WORKS_WITH_RAY or REFUSED_WITH_RAY."""
-    from fxscore.rayrun import REFUSED_WITH_RAY, WORKS_WITH_RAY
-
-    names = {p.name for p in cli.commands["run"].params}
-    assert not names - WORKS_WITH_RAY - set(REFUSED_WITH_RAY), "decide how these work with --ray"
-    assert {"ray", "ray_cpus", "ray_actors", "ray_batch_size"} <= names
-
-
-def test_an_undecided_option_is_refused(monkeypatch, tmp_path):
-    from fxscore import rayrun
-
-    monkeypatch.setattr(rayrun, "WORKS_WITH_RAY", rayrun.WORKS_WITH_RAY - {"follow_links"})
-    monkeypatch.chdir(tmp_path)
-    result = run_cli(SAMPLE_DATA, "--ray", "local", "--out", "x.csv", "--follow-links")
-    assert result.exit_code == 2
-    assert "--follow-links (it has not been made to work with --ray yet)" in result.output
-
-
-def test_help_lists_the_ray_options_and_what_they_refuse():
-    result = CliRunner().invoke(cli, ["run", "--help"], terminal_width=200)
-    text = " ".join(result.output.split())
-    for option in ("--ray auto|local|ADDRESS", "--ray-cpus N", "--ray-actors N|MIN,MAX",
-                   "--ray-batch-size N"):
-        assert option in text
-    for refused in ("--out -", "--provider cuda", "--sr-out", "--heatmaps"):
-        assert refused in text
-
+# ---- without Ray: imports, the actor's settings -----------------------------------------
 
 def test_import_fxscore_never_imports_ray():
     code = ("import sys, fxscore, fxscore.cli, fxscore.rayrun, fxscore.runner; "
