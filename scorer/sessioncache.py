@@ -5,8 +5,9 @@ graph (fusions, and the NCHWc layout that makes the convolutions fast). onnxrunt
 graph it optimised and load it later with optimisation off, its documented "offline mode"; such
 a graph holds the layout chosen for this CPU (NCHWc blocks are 16 wide with AVX-512, 8 with
 AVX2) by this onnxruntime version, so an entry is named by the model's digest, the onnxruntime
-version and the instruction sets the CPU reports (CPUID). The scores are bit-identical either way: it is the
-graph onnxruntime would build again (tests/test_sessioncache.py).
+version and build, and the instruction sets the CPU reports (CPUID). The scores are
+bit-identical either way: it is the graph onnxruntime would build again
+(tests/test_sessioncache.py).
 
 Trust: an entry is written only after the file it was built from passed its digest check (or
 the packaged model's pin), and read only for a file whose digest (or pin) is the same and that
@@ -50,8 +51,11 @@ def entry_path(digest: str) -> Path | None:
     where, cpu = cache_dir(), cpu_key()
     if where is None or cpu is None:
         return None
+    # The version names the release; the build (its commit and options) names the binary:
+    # a package built from another commit under the same version may optimise differently.
+    build = hashlib.sha256(onnxruntime.get_build_info().encode()).hexdigest()[:8]
     name = digest.split(":", 1)[-1][:32]
-    return where / f"{name}-ort{onnxruntime.__version__}-{cpu}{_SUFFIX}"
+    return where / f"{name}-ort{onnxruntime.__version__}-{build}-{cpu}{_SUFFIX}"
 
 
 def cpu_key() -> str | None:

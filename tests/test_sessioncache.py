@@ -127,3 +127,11 @@ def test_the_cpu_key_follows_what_the_cpu_reports_to_programs_not_proc_cpuinfo(t
     assert done.returncode == 0, done.stderr[-2000:]
     emulated = done.stdout.strip()
     assert len(emulated) == 12 and emulated != sessioncache.cpu_key()
+
+
+def test_an_entry_is_named_for_the_onnxruntime_build_as_well_as_its_version(cache, monkeypatch):
+    before = sessioncache.entry_path("sha256:" + "ab" * 32)
+    monkeypatch.setattr(ort, "get_build_info", lambda: "ORT Build Info: git-commit-id=0000000")
+    after = sessioncache.entry_path("sha256:" + "ab" * 32)
+    assert before != after and before.parent == after.parent
+    assert f"-ort{ort.__version__}-" in after.name and sessioncache.cpu_key() in after.name
