@@ -131,10 +131,14 @@ def training_pairs(training: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("data fingerprint", _short(training["data_fingerprint"], 16)))
     cfg = training.get("config") or {}
     if "best_epoch" in training:
-        ran = training.get("epoch")
+        # "epoch" is the exported checkpoint's: the best epoch's own (best.pt) says nothing of
+        # the epochs that ran after it, so only a later checkpoint's is worth a word.
+        ran, best_epoch = training.get("epoch"), training["best_epoch"]
         planned = cfg.get("epochs")
-        extra = ", ".join(x for x in (f"{ran} run" if ran is not None else "",
-                                      f"at most {planned}" if planned else "") if x)
+        extra = ", ".join(x for x in (
+            f"exported from the checkpoint of epoch {ran}"
+            if ran is not None and ran != best_epoch else "",
+            f"of at most {planned}" if planned else "") if x)
         rows.append(("best epoch", f"{training['best_epoch']}" + (f" ({extra})" if extra
                                                                    else "")))
     best = training.get("best_metrics") or training.get("metrics") or {}

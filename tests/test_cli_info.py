@@ -31,7 +31,7 @@ def test_info_prints_what_the_model_carries(tmp_path):
                  "mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225",
                  "graph                      ONNX opset 17", "precision                  fp32",
                  "integrity                  verified: digest sha256:", "Training summary",
-                 "  best epoch               12 (12 run, at most 40)"):
+                 "  best epoch               12 (of at most 40)"):
         assert text in r.stdout, text
     assert " v2.1" not in r.stdout
 

@@ -48,7 +48,7 @@ def test_the_readable_form_has_no_raw_json_and_no_repeats(trained):
     assert "validation, best epoch   loss 0.251, accuracy 0.904, ROC-AUC 0.960 (train loss " \
            "0.340)" in text
     assert "validation, last epoch" not in text  # metrics == best_metrics: said once
-    assert "best epoch               12 (12 run, at most 40)" in text
+    assert "best epoch               12 (of at most 40)" in text
     assert not re.search(r"\d\.\d{5,}", text)  # no 16-digit floats
     assert "{" not in text and "best_metrics" not in text
     assert "data fingerprint         7371aea8ddb42b7f..." in text
@@ -58,7 +58,7 @@ def test_last_epoch_metrics_appear_when_training_went_on(tmp_path):
     training = {**TRAINING, "epoch": 18, "metrics": {"val_loss": 0.31, "val_auc": 0.95}}
     model = load_model(make_model(tmp_path / "m.onnx", make_meta(training=training)), threads=1)
     rows = dict(info.training_pairs(info.describe(model)["training"]))
-    assert rows["best epoch"] == "12 (18 run, at most 40)"
+    assert rows["best epoch"] == "12 (exported from the checkpoint of epoch 18, of at most 40)"
     assert rows["validation, last epoch"] == "loss 0.310, ROC-AUC 0.950"
 
 
