@@ -628,6 +628,22 @@ def _wait_for_rows(out: Path, proc: subprocess.Popen, rows: int, limit: float = 
     raise AssertionError(f"no {rows} rows in {out} (exit {proc.poll()})")
 
 
+def _wait_for_library(proc: subprocess.Popen, name: str, timeout: float = 60) -> None:
+    """Until a process below `proc` (or proc itself) has a shared library called `name` mapped."""
+    from fxscore import proctree
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        for pid in [proc.pid, *proctree.descendants(proc.pid)]:
+            try:
+                if name in Path(f"/proc/{pid}/maps").read_text():
+                    return
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError(f"{name} never loaded (exit {proc.poll()})")
+
+
 def _complaints(stderr: str) -> list[str]:
     return [w for w in ("Traceback", "Aborted", "Exception ignored", "KeyboardInterrupt")
             if w in stderr]
@@ -673,7 +689,10 @@ def test_every_command_gets_the_interrupt_handling(model, tmp_path):
            "--threads", "1", "--quiet"]
     proc = subprocess.Popen(["timeout", "120", *cmd], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # importing, loading the model, scoring
+    # onnxruntime is imported inside the command, so once it is mapped the handler is set:
+    # a fixed sleep raced the interpreter's start on a loaded machine (killed by the signal)
+    _wait_for_library(proc, "onnxruntime_pybind11_state")
+    time.sleep(0.5)  # loading the model, scoring
     for _ in range(3):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
