@@ -77,7 +77,8 @@ def test_without_ray_the_message_says_how_to_install_it(tmp_path):
 
     if importlib.util.find_spec("ray") is not None:
         pytest.skip("Ray is installed here")
-    result = run_cli(SAMPLE_DATA, "--ray", "local", "--out", tmp_path / "x.csv")
+    result = CliRunner().invoke(cli, ["run", str(SAMPLE_DATA), "--ray", "local", "--out",
+                                      str(tmp_path / "x.csv")])
     assert result.exit_code == 1
     assert 'pip install "fxscore[ray]"' in result.output
 
