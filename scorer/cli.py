@@ -14,7 +14,7 @@ import click
 from . import __version__
 
 from . import exitcodes
-from .rayoptions import ray_options
+from .rayoptions import check_options as check_ray_options, ray_options
 
 EXIT_SOME_FAILED = exitcodes.SOME_FAILED
 # The same command as the README's: fxscore is installed from its source folder.
@@ -328,7 +328,6 @@ def run(input_path: str, model_path: str | None, out: str, fmt: str | None, over
 
     from .model import ModelError, load_model
     from .output import OutputError
-    from .rayoptions import check_options as check_ray_options
     from .runner import RunError, Summary, output_format, run_job
     from .scoring import DicomOptions
 

@@ -1,5 +1,5 @@
 """The --ray options of `fxscore run`: how each other option behaves with --ray, and the
-check that refuses what cannot work. Apart from `fxscore.rayrun`, whose imports a run without
+check that refuses what cannot work. Kept out of `fxscore.rayrun`, whose imports a run without
 --ray (and `fxscore --help`) should not pay for."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ MIN_ACTORS_PER_NODE = 2
 TASK_BATCHES = 8  # default files per Ray task: this many model batches (--ray-batch-size)
 
 # How every `run` option behaves with --ray. An option missing from both sets is refused, so a
-# new option has to be decided on (tests/test_rayrun.py checks that every one is).
+# new option has to be decided on (tests/test_rayoptions.py checks that every one is).
 WORKS_WITH_RAY = frozenset({
     "input_path", "model_path", "out", "fmt", "overwrite", "threshold", "retry_errors",
     "follow_links", "batch_size", "threads", "workers", "max_memory", "provider", "shard",

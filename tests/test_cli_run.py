@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from fxscore import proctree
 from fxscore.cli import EXIT_SOME_FAILED, cli
 
 from conftest import SAMPLE_DATA, small_tmpfs
@@ -630,8 +631,6 @@ def _wait_for_rows(out: Path, proc: subprocess.Popen, rows: int, limit: float = 
 
 def _wait_for_library(proc: subprocess.Popen, name: str, timeout: float = 60) -> None:
     """Until a process below `proc` (or proc itself) has a shared library called `name` mapped."""
-    from fxscore import proctree
-
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         for pid in [proc.pid, *proctree.descendants(proc.pid)]:
