@@ -277,7 +277,8 @@ def test_model_from_environment_or_nowhere(model, tmp_path, monkeypatch):
     result = run(SAMPLE_DATA / "test", env={"FXSCORE_MODEL": str(model)})
     assert result.exit_code == 0 and len(read_csv(result.stdout)) == 40
     from fxscore import model as model_module
-    monkeypatch.setattr(model_module.resources, "files", lambda package: tmp_path)  # no default
+    monkeypatch.setattr(model_module, "packaged_model",  # an fxscore without a default model
+                        lambda: (tmp_path / "default.onnx", "0" * 64))
     result = run(SAMPLE_DATA / "test", env={"FXSCORE_MODEL": ""})
     assert result.exit_code == 1 and "pass --model PATH" in result.output
 

@@ -122,3 +122,24 @@ def test_stage_labels_have_a_prefix_and_units_match_stage_families():
 ])
 def test_format_line(done, total, elapsed, want):
     assert P.format_line("x", done, total, elapsed) == want
+
+
+@pytest.mark.parametrize("seconds", [0, 0.9, 59, 61, 3599.5, 3600, 86399, 90061])
+def test_format_interval_reads_as_the_bar_does(seconds):
+    from tqdm import tqdm
+
+    assert P.format_interval(seconds) == tqdm.format_interval(seconds)
+
+
+def test_a_log_or_quiet_run_does_not_import_tqdm():
+    # tqdm's import costs ~30 ms of every start (importlib.metadata); only a terminal's bar
+    # needs it. A child interpreter, since this one has imported tqdm for the tests above.
+    import subprocess
+    import sys
+
+    code = ("import io, sys; from fxscore import progress as P\n"
+            "with P.progress_bar('x', 2, file=io.StringIO(), interval=0) as bar: bar.update(2)\n"
+            "with P.progress_bar('x', 2, enabled=False) as bar: bar.update(2)\n"
+            "print('tqdm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
