@@ -68,18 +68,8 @@ def main() -> int:
             group = {r["path"]: r["group"] for r in read_manifest(manifest)}
             g = np.array([group.get(f.relative_to(folder.parent).as_posix(), str(f))
                           for f in kept])
-            rng = np.random.default_rng(0)
-            ids = np.unique(g)
-            members = {k: np.flatnonzero(g == k) for k in ids}
-            diffs = []
-            for _ in range(1000):
-                idx = np.concatenate([members[k] for k in rng.choice(ids, len(ids))])
-                if 0 < y[idx].sum() < len(idx):
-                    diffs.append(metrics.roc_auc(y[idx], tta[idx])
-                                 - metrics.roc_auc(y[idx], p[idx]))
-            lo, hi = np.percentile(diffs, [2.5, 97.5])
-            gain = metrics.roc_auc(y, tta) - metrics.roc_auc(y, p)
-            line += f"; difference {gain:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            d = metrics.paired_auc_difference(y, p, tta, groups=g, seed=0)
+            line += f"; difference {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
         print(line)
     return 0
 

@@ -271,7 +271,8 @@ def study_uid(path: Path) -> str:
 
 
 def by_study(rows: list[dict[str, Any]], files: list[Path], positive: str, negative: str,
-             groups: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
+             groups: list[str] | None = None, uids: list[str] | None = None
+             ) -> tuple[list[dict[str, Any]], list[str] | None]:
     """Image rows -> one row per study, and each study's group (None without groups).
 
     Studies are formed as `fxscore studies` forms them (`studies.study_of`: StudyInstanceUID,
@@ -280,11 +281,14 @@ def by_study(rows: list[dict[str, Any]], files: list[Path], positive: str, negat
     called positive); it is truly positive when any of its images is labelled so, whether or
     not that image could be read. A study none of whose images could be read is an
     unreadable row; one with some unreadable images counts as incomplete. With `groups`
-    (one per image), all images of a study must share a group.
+    (one per image), all images of a study must share a group. `uids`: the files'
+    `study_uid`s, where the caller has read them already [default: read here].
     """
     from .studies import STUDY_KEY, StudiesError, study_of, summarise
 
-    tagged = [{**r, STUDY_KEY: study_uid(f), "_where": r["path"]} for r, f in zip(rows, files)]
+    if uids is None:
+        uids = [study_uid(f) for f in files]
+    tagged = [{**r, STUDY_KEY: uid, "_where": r["path"]} for r, uid in zip(rows, uids)]
     truth: dict[tuple[str, str], bool] = {}
     group: dict[tuple[str, str], str] = {}
     for i, r in enumerate(tagged):
@@ -383,13 +387,17 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
                             "nothing to evaluate")
     negative = next(c for c in meta.class_names if c != meta.positive_class)
 
+    # Each file's study, read once: the evaluation with training copies left out and the one
+    # with them both need it.
+    uid_of = {it.file: study_uid(it.file) for it in items} if study_level else {}
+
     def unit(rows: list[dict[str, Any]], files: list[Path],
              groups: list[str] | None) -> tuple[Evaluation, list[str] | None]:
         """The evaluation of these rows at the requested level, and its readable rows' groups."""
         images = None
         if study_level:
             images, (rows, groups) = rows, by_study(rows, files, meta.positive_class, negative,
-                                                    groups)
+                                                    groups, [uid_of[f] for f in files])
         ev = Evaluation(rows, meta.positive_class, tuple(meta.class_names),
                         float(scorer.meta.threshold), images=images)
         return ev, ([g for g, r in zip(groups, rows) if not r["error"]] if groups else None)

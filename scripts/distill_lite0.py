@@ -55,6 +55,12 @@ def views(presets: tuple[TrainPreset, TrainPreset], images: list[np.ndarray], id
     return tuple(torch.from_numpy(np.stack(b)) for b in out)
 
 
+def in_batches(fn, items, prep=lambda batch: batch, size: int = 64) -> torch.Tensor:
+    """fn(prep(batch)) over `items` in batches of `size`, concatenated: memory stays bounded
+    (the training images preprocessed for the teacher at once would take about 1 GB)."""
+    return torch.cat([fn(prep(items[i:i + size])) for i in range(0, len(items), size)])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,14 +95,12 @@ def main() -> int:
 
     # Standardise the targets with the un-augmented training images' statistics, so that every
     # feature counts alike in the loss and R^2 reads as "share of the teacher learnt".
-    plain = [teach(torch.from_numpy(np.stack([preprocess(im.astype(np.float32), TEACHER)
-                                              for im in train.arrays[i:i + 64]])))
-             for i in range(0, len(train.arrays), 64)]
-    plain = torch.cat(plain)
+    plain = in_batches(teach, train.arrays, lambda ims: torch.from_numpy(
+        np.stack([preprocess(im.astype(np.float32), TEACHER) for im in ims])))
     mu, sd = plain.mean(0), plain.std(0) + 1e-3
     val_x_t = torch.from_numpy(np.stack([preprocess(im, TEACHER) for im in val.arrays]))
     val_x_s = torch.from_numpy(np.stack([preprocess(im, student_params) for im in val.arrays]))
-    val_y = torch.cat([(teach(val_x_t[i:i + 64]) - mu) / sd for i in range(0, len(val_x_t), 64)])
+    val_y = in_batches(lambda x: (teach(x) - mu) / sd, val_x_t)
 
     student = student_net()
     opt = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=1e-5)
@@ -117,7 +121,7 @@ def main() -> int:
             total, n = total + loss.item() * len(xs), n + len(xs)
         student.eval()
         with torch.no_grad():
-            pred = torch.cat([student(val_x_s[i:i + 64]) for i in range(0, len(val_x_s), 64)])
+            pred = in_batches(student, val_x_s)
         r2 = 1 - float(((pred - val_y) ** 2).mean()) / float(val_y.var(0, unbiased=False).mean())
         print(f"epoch {epoch}/{args.epochs}  train mse {total / n:.4f}  val R^2 {r2:.3f}  "
               f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)

@@ -206,6 +206,41 @@ def test_group_bootstrap_is_wider_when_groups_are_large():
     assert width(acc_g) > 2 * width(acc_p)
 
 
+def test_paired_auc_difference_is_the_difference_on_each_same_resample():
+    t, a = _case("ties")
+    b = np.clip(a + np.random.default_rng(5).normal(0, 0.1, a.size), 0, 1)
+    got = M.paired_auc_difference(t, a, b, n_resamples=300, seed=4)
+    w = M._resample_weights(np.random.default_rng(4), 300, np.arange(t.size), t.size)
+    diffs = []
+    for row in w:
+        idx = np.repeat(np.arange(t.size), row)
+        if 0 < t[idx].sum() < idx.size:
+            diffs.append(skm.roc_auc_score(t[idx], b[idx]) - skm.roc_auc_score(t[idx], a[idx]))
+    assert got["valid"] == len(diffs)
+    assert got["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert got["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    assert got["difference"] == pytest.approx(
+        skm.roc_auc_score(t, b) - skm.roc_auc_score(t, a), abs=1e-12)
+
+
+def test_paired_auc_difference_is_narrower_than_either_score_alone():
+    # two scores sharing most of their noise: pairing cancels what the images have in common
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 2, 300)
+    a = np.clip(0.5 + 0.15 * (2 * t - 1) + rng.normal(0, 0.25, 300), 0, 1)
+    b = np.clip(a + 0.03 * (2 * t - 1) + rng.normal(0, 0.02, 300), 0, 1)  # slightly better
+    d = M.paired_auc_difference(t, a, b, n_resamples=500, seed=0)
+    alone = M.bootstrap(t, a, {}, n_resamples=500, seed=0)["roc_auc"]
+    assert d["low"] > 0 and d["high"] - d["low"] < (alone["high"] - alone["low"]) / 3
+    same = M.paired_auc_difference(t, a, a, n_resamples=100, seed=0)
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+    groups = np.arange(300) // 3
+    grouped = M.paired_auc_difference(t, a, b, n_resamples=100, seed=0, groups=groups)
+    assert grouped["grouped"] and grouped["clusters"] == 100
+    with pytest.raises(ValueError, match="300 values but y_score has 299"):
+        M.paired_auc_difference(t, a, b[:-1])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"groups": [1, 2]}, "group labels"),
 ])
