@@ -85,7 +85,8 @@ STARTUP_GOAL = 0.3  # seconds: a run's imports + model load + output set-up
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="fxscore ONNX model (default: export resnet18)")
-    ap.add_argument("--small", type=int, default=2000, help="224x224 JPEGs [2000]")
+    ap.add_argument("--small", type=int, default=2000,
+                    help="224x224 JPEGs [2000]; 0 (without --small-dir): start-up only")
     ap.add_argument("--small-dir", type=Path, help="use these images instead of synthetic JPEGs")
     ap.add_argument("--large", type=int, default=8, help="2000x2500 files of each kind [8]")
     ap.add_argument("--kinds", default=",".join(LARGE_KINDS),
@@ -139,6 +140,8 @@ def main() -> None:
                   f"(import fxscore.cli) {imports:.2f} s  (fresh interpreter, less `python -c "
                   f"pass`, median of {args.startup_repeat})", flush=True)
 
+        if not (args.small_dir or args.small):
+            return  # --small 0: start-up only (the other measurements all use those images)
         small = args.small_dir or make_jpegs(work / "small", args.small)
         batches = preprocessed_batches(model, small, args.batch_size)
         n_small = sum(len(b) for b in batches)

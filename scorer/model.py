@@ -3,19 +3,18 @@
 A model that is missing, is not ONNX, carries no fxscore metadata, whose metadata holds a number
 out of range, whose digest does not match its contents, or whose graph disagrees with its
 metadata fails here with a `ModelError` naming the file and the fix, not halfway through a
-night's batch job. The file is read whole once: the bytes hashed (model id, digest, the
-packaged model's pin) are the bytes onnxruntime runs, or (from a model's second load on this
-CPU) the graph onnxruntime optimised from a file with that same digest, verified again on every
-load (`fxscore.sessioncache`). Its metadata records are read first, on their own, so that the
-session can start while the file is read and hashed; they must be those of the bytes hashed.
+night's batch job. The file is read once: the bytes hashed (model id, digest, the packaged
+model's pin) are the bytes onnxruntime runs, or (from a model's second load on this CPU) the
+graph onnxruntime optimised from a file with that same digest, verified again on every load
+(`fxscore.sessioncache`).
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -147,38 +146,29 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
         if path.stat().st_size > MAX_MODEL_BYTES:
             raise ModelError(f"model {source} is larger than 2 GiB, which no single-file ONNX "
                              "model can be; pass the model.onnx written by `fxscore export`")
-        f = open(path, "rb")
+        data = path.read_bytes()
     except OSError as e:
         raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
-    # This thread reads only the metadata (a few records, found by skipping the weights) and
-    # builds the session; meanwhile one worker reads the whole file and two hash it (model id,
-    # pin, digest). File reads and hashlib release the GIL: a third of a cached start.
-    with f, ThreadPoolExecutor(max_workers=2) as pool:
+    # hashlib releases the GIL, so the file's hashes (model id, pin, digest) are computed on
+    # another core while onnxruntime builds the session: a third of the load time.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sha_future = pool.submit(sha256_bytes, data)
         digest_future, unreadable, claimed = None, None, pinned
         try:
-            props = modelfile.read_props(modelfile.FileView(f))
-        except ContractError as e:
-            props, unreadable = {}, e  # reported below, after the checks that come first
-        except OSError as e:
-            raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
-        f.seek(0)
-        data_future = pool.submit(_read_all, f, source)
-        sha_future = pool.submit(lambda: sha256_bytes(data_future.result()))
-        try:
-            if unreadable is None and pinned is None:  # version 1 has no digest: fails unread
+            props = modelfile.read_props(data)
+            if pinned is None:  # a version-1 file has no digest: the future fails at once, unread
                 meta_dict = metadata_dict(props, f"model {source}")
-                digest_future = pool.submit(
-                    lambda: modelfile.check_digest(data_future.result(), meta_dict))
+                digest_future = pool.submit(modelfile.check_digest, data, meta_dict)
                 claimed = _claimed_digest(meta_dict)
         except ContractError as e:
-            unreadable = e
+            unreadable = e  # reported below, after the checks that come first
         # A cached optimised graph is looked up by the digest the file claims; the claim is
         # verified below (pin or digest) before the session is returned, or nothing is.
         entry = sessioncache.entry_path(claimed) if claimed and _cpu_only(providers) else None
         tmp = None
         try:
             try:
-                session, tmp = _session(data_future, source, providers, threads, entry)
+                session, tmp = _session(data, source, providers, threads, entry)
             finally:  # a damaged default model is reported as such, whatever else fails
                 sha256 = sha_future.result()
                 if pinned is not None and sha256 != pinned:
@@ -187,10 +177,6 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
                         "this fxscore release pins for its default model, so the installation "
                         "is damaged or was modified. Reinstall fxscore (pip install "
                         "--force-reinstall), or pass --model PATH")
-            # What was checked (metadata, digest) and hashed must be one version of the file.
-            if unreadable is None and modelfile.read_props(data_future.result()) != props:
-                raise ModelError(f"model {source} changed while it was being loaded (was it "
-                                 "being copied?); load it again once it is complete")
             try:
                 if unreadable is not None:
                     raise unreadable
@@ -231,18 +217,10 @@ def _cpu_only(providers: tuple[str, ...]) -> bool:
     return _provider_names(providers) == ["CPUExecutionProvider"]
 
 
-def _read_all(f: BinaryIO, source: str) -> bytes:
-    try:
-        return f.read()
-    except OSError as e:
-        raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
-
-
-def _session(data: Future, source: str, providers: tuple[str, ...], threads: int | None,
+def _session(data: bytes, source: str, providers: tuple[str, ...], threads: int | None,
              entry: Path | None = None) -> tuple[ort.InferenceSession, Path | None]:
     """The session, and the temporary file its optimised graph was written to for the cache
-    (None when it came from the cache, or the cache is off or not writable). `data` holds
-    the file's bytes once read: a session from the cache does not wait for them."""
+    (None when it came from the cache, or the cache is off or not writable)."""
     names = _provider_names(providers)
     if entry is not None and entry.is_file():
         options = session_options(threads)
@@ -258,7 +236,7 @@ def _session(data: Future, source: str, providers: tuple[str, ...], threads: int
     if tmp is not None:
         options.optimized_model_filepath = str(tmp)
     try:
-        session = ort.InferenceSession(data.result(), options, providers=names)
+        session = ort.InferenceSession(data, options, providers=names)
     except Exception as e:  # onnxruntime raises its own exception types, all meaning "unusable"
         sessioncache.discard(tmp)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .contract import DIGEST_KEY, FORMAT_VERSION, META_KEY, ContractError, ModelMeta
 
@@ -53,34 +53,7 @@ class DigestError(ContractError):
 # ---------------------------------------------------------------------------- reading
 
 
-class FileView:
-    """An open model file read on demand (indexing, slicing, len): enough for `read_props`
-    to find the metadata records by skipping over the weights instead of reading them, so
-    that the loader can start onnxruntime while another thread reads the whole file."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self._size = os.fstat(f.fileno()).st_size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __getitem__(self, key: int | slice) -> Any:
-        if isinstance(key, slice):
-            start, stop, _ = key.indices(self._size)
-            self._f.seek(start)
-            data = self._f.read(max(stop - start, 0))
-            if len(data) != max(stop - start, 0):
-                raise ContractError("the file became shorter while it was read")
-            return data
-        self._f.seek(key)
-        byte = self._f.read(1)
-        if not byte:
-            raise ContractError("the file became shorter while it was read")
-        return byte[0]
-
-
-def read_props(data: bytes | FileView) -> dict[str, str]:
+def read_props(data: bytes) -> dict[str, str]:
     """The ONNX metadata_props of a serialised model, key -> value (a repeated key is an error)."""
     props: dict[str, str] = {}
     for field, start, end, payload in _records(data):
