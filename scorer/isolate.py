@@ -21,14 +21,16 @@ bytes, then the model's preprocessing, so only the small model input crosses the
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import queue
 import signal
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .images import ImageReadError
+
+if TYPE_CHECKING:
+    import multiprocessing.process
 
 DEFAULT_TIMEOUT = 60.0  # seconds per file; a 9000 x 9000 JPEG 2000 decodes in a few seconds
 START_TIMEOUT = 120.0  # seconds for a new worker to import its modules (not counted per file)
@@ -93,9 +95,7 @@ class Isolated:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        method = start_method or ("forkserver" if "forkserver" in
-                                  multiprocessing.get_all_start_methods() else "spawn")
-        self._ctx = multiprocessing.get_context(method)
+        self._method, self._ctx = start_method, None  # the context: at the first start
         self._fn, self.timeout, self._quiet = fn, float(timeout), quiet
         self._free: queue.Queue[_Worker | None] = queue.Queue()
         for _ in range(workers):
@@ -151,6 +151,12 @@ class Isolated:
 
     def _start(self) -> _Worker:
         with self._lock:
+            if self._ctx is None:  # most runs never start one: multiprocessing costs ~4 ms
+                import multiprocessing
+
+                method = self._method or ("forkserver" if "forkserver" in
+                                          multiprocessing.get_all_start_methods() else "spawn")
+                self._ctx = multiprocessing.get_context(method)
             worker = _Worker(self._ctx, self._fn, self._quiet)
             self._all.add(worker)
             return worker

@@ -273,6 +273,30 @@ def test_model_errors_are_clear(tmp_path, make, message):
     assert "Traceback" not in result.output and not (tmp_path / "p.csv").exists()
 
 
+def test_a_plain_run_imports_only_what_scoring_needs(model, tmp_path):
+    """Start-up (bench_run.py): a run of PNGs and JPEGs logging to a file imports neither tqdm
+    (its package imports importlib.metadata: ~30 ms; only a terminal's bar needs it), nor
+    multiprocessing (only compressed DICOM is decoded in worker processes), nor the Ray
+    machinery, nor importlib.resources (only the packaged default model is found with it)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted((SAMPLE_DATA / "test").rglob("*"))[:40]:
+        if p.suffix in (".png", ".jpg"):
+            (folder / p.name).write_bytes(p.read_bytes())
+    heavy = ("tqdm", "importlib.metadata", "multiprocessing", "fxscore.rayrun",
+             "importlib.resources")
+    code = ("import sys; from fxscore.cli import cli\n"
+            f"try: cli.main(['run', {str(folder)!r}, '--model', {str(model)!r}, '--out', "
+            f"{str(tmp_path / 'x.csv')!r}])\n"
+            "except SystemExit as e: assert e.code in (0, None), e.code\n"
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "scoring:" in done.stderr  # the plain progress line: a log got its progress
+    assert done.stdout.strip() == ""
+
+
 def test_model_from_environment_or_nowhere(model, tmp_path, monkeypatch):
     result = run(SAMPLE_DATA / "test", env={"FXSCORE_MODEL": str(model)})
     assert result.exit_code == 0 and len(read_csv(result.stdout)) == 40
