@@ -222,11 +222,12 @@ def _session(data: bytes, source: str, providers: tuple[str, ...], threads: int 
     """The session, and the temporary file its optimised graph was written to for the cache
     (None when it came from the cache, or the cache is off or not writable)."""
     names = _provider_names(providers)
-    if entry is not None and entry.is_file():
+    graph = sessioncache.graph_of(entry) if entry is not None else None
+    if graph is not None:
         options = session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            session = ort.InferenceSession(str(entry), options, providers=names)
+            session = ort.InferenceSession(str(graph), options, providers=names)
             sessioncache.used(entry)
             return session, None
         except Exception:  # noqa: BLE001 - a damaged or foreign entry: build from the file
@@ -234,15 +235,16 @@ def _session(data: bytes, source: str, providers: tuple[str, ...], threads: int 
     tmp = sessioncache.writable_tmp(entry) if entry is not None else None
     options = session_options(threads)
     if tmp is not None:
-        options.optimized_model_filepath = str(tmp)
+        sessioncache.save_into(options, tmp)
     try:
         session = ort.InferenceSession(data, options, providers=names)
     except Exception as e:  # onnxruntime raises its own exception types, all meaning "unusable"
         sessioncache.discard(tmp)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model {source} is not a valid ONNX model: {first}") from e
-    if tmp is not None and not tmp.is_file():
-        tmp = None  # onnxruntime could not write it: no entry this time
+    if tmp is not None and sessioncache.graph_of(tmp) is None:
+        sessioncache.discard(tmp)  # onnxruntime could not write it: no entry this time
+        tmp = None
     if "CUDAExecutionProvider" in names and "CUDAExecutionProvider" not in session.get_providers():
         raise ModelError("onnxruntime could not start the CUDA provider (is the CUDA runtime "
                          "installed and a GPU visible?); use --provider cpu")

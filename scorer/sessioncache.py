@@ -15,6 +15,14 @@ passes the same check, as the loader does before it returns. Like the installati
 cache directory must be writable only by whoever runs fxscore. An entry that onnxruntime cannot
 load is removed and the model is built from its file, as when there is no entry.
 
+An entry is a directory holding the graph (GRAPH) and, beside it, its weights (WEIGHTS) as raw
+external data, which onnxruntime maps into memory instead of parsing them out of the graph's
+protobuf: a cached ResNet18 session builds in about 6 ms instead of 70 (AMD EPYC Zen 4), and
+processes scoring on one machine share those pages. The directory is made under a temporary
+name and renamed into place whole, so an entry is complete or absent; entries are never
+changed in place (a file mapped into memory must not shrink under the process reading it), only
+replaced or removed, so keep the cache on a local disk, as the default is.
+
 FXSCORE_CACHE_DIR chooses the directory (default $XDG_CACHE_HOME/fxscore, else
 ~/.cache/fxscore); FXSCORE_CACHE_DIR=off turns the cache off. At most KEEP entries are kept
 (about 45 MB each for ResNet18 in fp32), the least recently used removed first.
@@ -24,11 +32,16 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "FXSCORE_CACHE_DIR"
 KEEP = 8
-_SUFFIX = ".ort-graph.onnx"
+GRAPH, WEIGHTS = "graph.onnx", "weights.bin"  # an entry's two files
+_SUFFIX = ".ort-graph"  # an entry directory's name ends so
+_LEGACY = ".ort-graph.onnx"  # the one-file entries of earlier releases: removed when seen
+STALE_TMP = 3600.0  # seconds after which a temporary entry is a crashed writer's leftover
 
 
 def cache_dir() -> Path | None:
@@ -79,28 +92,52 @@ def cpu_key() -> str | None:
     return hashlib.sha256(f"{platform.machine()}|{have}".encode()).hexdigest()[:12]
 
 
+def graph_of(entry: Path) -> Path | None:
+    """The graph file of a complete entry, or None when there is none."""
+    graph = entry / GRAPH
+    return graph if graph.is_file() else None
+
+
 def writable_tmp(entry: Path) -> Path | None:
-    """A temporary file beside `entry` for onnxruntime to write the graph to, or None when the
-    directory cannot be made or written (the model then loads as without a cache)."""
+    """A new temporary directory beside `entry` for onnxruntime to write the graph into, or None
+    when it cannot be made (the model then loads as without a cache)."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     except OSError:
         return None
-    if not os.access(entry.parent, os.W_OK | os.X_OK):
-        return None
-    return entry.with_name(f".{entry.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    return tmp
+
+
+def save_into(options: Any, tmp: Path) -> None:
+    """Have the session these onnxruntime SessionOptions build save its optimised graph in
+    `tmp`, with the weights in a file of their own (the entry layout above)."""
+    options.optimized_model_filepath = str(tmp / GRAPH)
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", WEIGHTS)
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
 
 
 def commit(tmp: Path, entry: Path) -> None:
-    """Make the graph written to `tmp` the entry (atomically), and drop the least recently used
-    entries beyond KEEP. A failure leaves the cache as it was: it is only a cache."""
+    """Make the graph written into `tmp` the entry (one rename), and drop the least recently
+    used entries beyond KEEP, earlier releases' entries and stale temporary ones. A failure
+    (another process committed the same entry first, say) leaves the cache as it was."""
     try:
-        os.replace(tmp, entry)
-        entries = sorted(entry.parent.glob(f"*{_SUFFIX}"), key=_last_used, reverse=True)
-        for old in entries[KEEP:]:
-            old.unlink(missing_ok=True)
+        os.replace(tmp, entry)  # fails if `entry` is there already: theirs is as good
     except OSError:
         discard(tmp)
+        return
+    try:
+        where = entry.parent
+        entries = sorted(where.glob(f"*{_SUFFIX}"), key=_last_used, reverse=True)
+        now = time.time()
+        for old in [*entries[KEEP:], *where.glob(f"*{_LEGACY}"),
+                    *(p for p in where.glob(".*.tmp") if now - _last_used(p) > STALE_TMP)]:
+            discard(old)
+    except OSError:
+        pass
 
 
 def used(entry: Path) -> None:
@@ -112,11 +149,18 @@ def used(entry: Path) -> None:
 
 
 def discard(path: Path | None) -> None:
-    if path is not None:
-        try:
+    """Remove an entry, a temporary one or a legacy file, if it is there; never raises."""
+    if path is None:
+        return
+    try:
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
-        except OSError:
-            pass
+    except OSError:
+        pass
 
 
 def _last_used(path: Path) -> float:

@@ -24,7 +24,11 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def entries(cache: Path) -> list[Path]:
-    return sorted(cache.glob("*.onnx")) if cache.exists() else []
+    return sorted(cache.glob("*.ort-graph")) if cache.exists() else []
+
+
+def contents(entry: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(entry.iterdir())}
 
 
 def scores(model, seed: int = 0) -> np.ndarray:
@@ -40,9 +44,13 @@ def test_second_load_uses_the_cached_graph_and_scores_identically(cache, tmp_pat
     cold = load_model(path, threads=1)
     [entry] = entries(cache)
     assert sessioncache.cpu_key() in entry.name
-    entry_bytes, mtime = entry.read_bytes(), entry.stat().st_mtime_ns
+    before, mtime = contents(entry), entry.stat().st_mtime_ns
+    # the weights are raw data beside the graph (mapped at load, not parsed out of it)
+    assert set(before) == {sessioncache.GRAPH, sessioncache.WEIGHTS}
+    assert len(before[sessioncache.WEIGHTS]) > 5 * len(before[sessioncache.GRAPH])
+    assert not list(cache.glob(".*.tmp"))
     warm = load_model(path, threads=1)
-    assert entries(cache) == [entry] and entry.read_bytes() == entry_bytes
+    assert entries(cache) == [entry] and contents(entry) == before
     assert entry.stat().st_mtime_ns >= mtime  # marked used
     level = ort.GraphOptimizationLevel
     assert cold.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
@@ -66,10 +74,11 @@ def test_a_damaged_entry_is_replaced_not_used(cache, tmp_path):
     path = make_convnet(tmp_path / "m.onnx")
     expected = scores(load_model(path, threads=1))
     [entry] = entries(cache)
-    entry.write_bytes(b"not an onnx graph")
+    graph = entry / sessioncache.GRAPH
+    graph.write_bytes(b"not an onnx graph")
     model = load_model(path, threads=1)
     assert np.array_equal(scores(model), expected)
-    assert entry.read_bytes() != b"not an onnx graph"  # rebuilt from the file and cached again
+    assert graph.read_bytes() != b"not an onnx graph"  # rebuilt from the file and cached again
 
 
 def test_a_tampered_file_claiming_a_cached_digest_is_refused(cache, tmp_path):
@@ -104,6 +113,36 @@ def test_least_recently_used_entries_beyond_keep_are_removed(cache, tmp_path, mo
     for seed in range(3):
         load_model(make_convnet(tmp_path / f"m{seed}.onnx", seed=seed))
     assert len(entries(cache)) == 2
+
+
+def test_an_entry_another_process_committed_first_is_kept(cache, tmp_path):
+    path = make_convnet(tmp_path / "m.onnx")
+    load_model(path)
+    [entry] = entries(cache)
+    before = contents(entry)
+    tmp = sessioncache.writable_tmp(entry)  # a second process's graph, finished later
+    (tmp / sessioncache.GRAPH).write_bytes(b"theirs")
+    sessioncache.commit(tmp, entry)
+    assert contents(entry) == before and not tmp.exists()
+
+
+def test_earlier_releases_entries_and_crashed_writers_leftovers_are_removed(cache, tmp_path):
+    import os
+    import time
+
+    cache.mkdir(parents=True)
+    legacy = cache / ("ab" * 16 + "-ort1.0-cpu.ort-graph.onnx")  # a one-file entry
+    legacy.write_bytes(b"x" * 1000)
+    stale, fresh = cache / ".old.ort-graph.1.aa.tmp", cache / ".new.ort-graph.2.bb.tmp"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / sessioncache.GRAPH).write_bytes(b"half written")
+    hours_ago = time.time() - 2 * sessioncache.STALE_TMP
+    os.utime(stale, (hours_ago, hours_ago))
+    load_model(make_convnet(tmp_path / "m.onnx"))  # its commit tidies the directory
+    assert len(entries(cache)) == 1
+    assert not legacy.exists() and not stale.exists()
+    assert fresh.exists()  # another process may be writing it now
 
 
 def test_the_cpu_key_follows_what_the_cpu_reports_to_programs_not_proc_cpuinfo(tmp_path):
