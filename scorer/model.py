@@ -150,21 +150,25 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
     except OSError as e:
         raise ModelError(f"cannot read model {source}: {e.strerror or e}") from e
     # hashlib releases the GIL, so the file's hashes (model id, pin, digest) are computed on
-    # another core while onnxruntime builds the session: a third of the load time.
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    # other cores while onnxruntime builds the session.
+    with ThreadPoolExecutor(max_workers=2) as pool:
         sha_future = pool.submit(sha256_bytes, data)
-        digest_future, unreadable, claimed = None, None, pinned
+        digest_future, unreadable, claimed, meta_dict = None, None, pinned, None
         try:
             props = modelfile.read_props(data)
-            if pinned is None:  # a version-1 file has no digest: the future fails at once, unread
+            if pinned is None:
                 meta_dict = metadata_dict(props, f"model {source}")
-                digest_future = pool.submit(modelfile.check_digest, data, meta_dict)
                 claimed = _claimed_digest(meta_dict)
         except ContractError as e:
             unreadable = e  # reported below, after the checks that come first
         # A cached optimised graph is looked up by the digest the file claims; the claim is
         # verified below (pin or digest) before the session is returned, or nothing is.
         entry = sessioncache.entry_path(claimed) if claimed and _cpu_only(providers) else None
+        # The sha256 of the file the entry was made from, which passed this same digest check:
+        # a file with that sha256 is that file, so its digest need not be computed again.
+        known = sessioncache.verified_sha256(entry) if entry is not None else None
+        if meta_dict is not None and known is None:  # version 1: fails at once, unread
+            digest_future = pool.submit(modelfile.check_digest, data, meta_dict)
         tmp = None
         try:
             try:
@@ -184,7 +188,12 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
                 if pinned is not None:  # the release's file byte for byte: a digest adds nothing
                     integrity = f"verified: sha256 {sha256[:16]}... pinned by this fxscore release"
                 elif meta.format_version >= 2:
-                    digest = digest_future.result()
+                    if digest_future is not None:
+                        digest = digest_future.result()
+                    elif sha256 == known:
+                        digest = claimed
+                    else:  # the same digest claimed by other bytes: check this file's own
+                        digest = modelfile.check_digest(data, meta_dict)
                     integrity = f"verified: digest {digest[:23]}... matches"
                 else:
                     integrity = ("unverified: format version 1 carries no digest (re-export it "
@@ -197,7 +206,7 @@ def _load(path: Path, source: str, providers: tuple[str, ...], threads: int | No
             sessioncache.discard(tmp)  # an optimised graph of a file that failed is not kept
             raise
     if tmp is not None:
-        sessioncache.commit(tmp, entry)
+        sessioncache.commit(tmp, entry, sha256)
     verified = integrity.startswith("verified")
     return Model(session=session, meta=meta, model_id=sha256[:12], path=path,
                  verified=verified, integrity=integrity, props=props)

@@ -11,7 +11,10 @@ bit-identical either way: it is the graph onnxruntime would build again
 
 Trust: an entry is written only after the file it was built from passed its digest check (or
 the packaged model's pin), and read only for a file whose digest (or pin) is the same and that
-passes the same check, as the loader does before it returns. Like the installation itself, the
+passes the same check, as the loader does before it returns. The entry records that file's
+sha256 (VERIFIED): a file with the same sha256 is byte for byte the file that passed, so the
+loader skips computing its digest again (half the hashing of a cached start); any other file
+claiming the digest is checked in full. Like the installation itself, the
 cache directory must be writable only by whoever runs fxscore. An entry that onnxruntime cannot
 load is removed and the model is built from its file, as when there is no entry.
 
@@ -38,7 +41,8 @@ from typing import Any
 
 CACHE_ENV = "FXSCORE_CACHE_DIR"
 KEEP = 8
-GRAPH, WEIGHTS = "graph.onnx", "weights.bin"  # an entry's two files
+GRAPH, WEIGHTS = "graph.onnx", "weights.bin"  # an entry's graph and its weights
+VERIFIED = "verified.sha256"  # the sha256 of the model file it was made from, once verified
 _SUFFIX = ".ort-graph"  # an entry directory's name ends so
 _LEGACY = ".ort-graph.onnx"  # the one-file entries of earlier releases: removed when seen
 STALE_TMP = 3600.0  # seconds after which a temporary entry is a crashed writer's leftover
@@ -120,11 +124,23 @@ def save_into(options: Any, tmp: Path) -> None:
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
 
 
-def commit(tmp: Path, entry: Path) -> None:
-    """Make the graph written into `tmp` the entry (one rename), and drop the least recently
-    used entries beyond KEEP, earlier releases' entries and stale temporary ones. A failure
-    (another process committed the same entry first, say) leaves the cache as it was."""
+def verified_sha256(entry: Path) -> str | None:
+    """The sha256 (hex) of the model file this entry was made from, recorded once that file
+    passed the loader's checks; None for an entry without one."""
     try:
+        value = (entry / VERIFIED).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+
+
+def commit(tmp: Path, entry: Path, sha256: str) -> None:
+    """Make the graph written into `tmp` the entry (one rename), recording `sha256`, that of
+    the model file it was made from, which the caller has verified; then drop the least
+    recently used entries beyond KEEP, earlier releases' entries and stale temporary ones. A
+    failure (another process committed the same entry first, say) leaves the cache as it was."""
+    try:
+        (tmp / VERIFIED).write_text(sha256 + "\n", encoding="ascii")
         os.replace(tmp, entry)  # fails if `entry` is there already: theirs is as good
     except OSError:
         discard(tmp)

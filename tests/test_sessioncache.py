@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -46,7 +47,7 @@ def test_second_load_uses_the_cached_graph_and_scores_identically(cache, tmp_pat
     assert sessioncache.cpu_key() in entry.name
     before, mtime = contents(entry), entry.stat().st_mtime_ns
     # the weights are raw data beside the graph (mapped at load, not parsed out of it)
-    assert set(before) == {sessioncache.GRAPH, sessioncache.WEIGHTS}
+    assert set(before) == {sessioncache.GRAPH, sessioncache.WEIGHTS, sessioncache.VERIFIED}
     assert len(before[sessioncache.WEIGHTS]) > 5 * len(before[sessioncache.GRAPH])
     assert not list(cache.glob(".*.tmp"))
     warm = load_model(path, threads=1)
@@ -95,6 +96,32 @@ def test_a_tampered_file_claiming_a_cached_digest_is_refused(cache, tmp_path):
     assert entries(cache) == [entry]
 
 
+def test_a_file_identical_to_the_entrys_is_not_hashed_twice(cache, tmp_path, monkeypatch):
+    """The entry records the sha256 of the file that passed the digest check: the same bytes
+    again need no digest computed (a second pass over 45 MB); other bytes claiming that digest
+    (here: a site's own metadata key added, which the digest does not cover) are checked."""
+    import hashlib
+
+    from fxscore import modelfile
+
+    path = make_convnet(tmp_path / "m.onnx")
+    cold = load_model(path)
+    [entry] = entries(cache)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sessioncache.verified_sha256(entry) == sha
+    checked = []
+    check = modelfile.check_digest
+    monkeypatch.setattr(modelfile, "check_digest", lambda *a: checked.append(1) or check(*a))
+    warm = load_model(path)
+    assert checked == [] and warm.integrity == cold.integrity and warm.model_id == sha[:12]
+    proto = onnx.load(str(path))
+    proto.metadata_props.add(key="site.note", value="approved 2025-01")
+    onnx.save(proto, str(tmp_path / "noted.onnx"))
+    noted = load_model(tmp_path / "noted.onnx")
+    assert checked == [1] and noted.verified and noted.integrity == cold.integrity
+    assert entries(cache) == [entry] and sessioncache.verified_sha256(entry) == sha
+
+
 def test_files_without_a_digest_are_not_cached(cache, tmp_path):
     load_model(make_model(tmp_path / "v1.onnx", make_meta(format_version=1), digest=False))
     assert entries(cache) == []
@@ -122,7 +149,7 @@ def test_an_entry_another_process_committed_first_is_kept(cache, tmp_path):
     before = contents(entry)
     tmp = sessioncache.writable_tmp(entry)  # a second process's graph, finished later
     (tmp / sessioncache.GRAPH).write_bytes(b"theirs")
-    sessioncache.commit(tmp, entry)
+    sessioncache.commit(tmp, entry, "0" * 64)
     assert contents(entry) == before and not tmp.exists()
 
 
