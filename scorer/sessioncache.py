@@ -141,6 +141,8 @@ def commit(tmp: Path, entry: Path, sha256: str) -> None:
     failure (another process committed the same entry first, say) leaves the cache as it was."""
     try:
         (tmp / VERIFIED).write_text(sha256 + "\n", encoding="ascii")
+        if entry.exists() and graph_of(entry) is None:
+            discard(entry)  # what a removal cut short left: it would block every commit
         os.replace(tmp, entry)  # fails if `entry` is there already: theirs is as good
     except OSError:
         discard(tmp)

@@ -153,6 +153,19 @@ def test_an_entry_another_process_committed_first_is_kept(cache, tmp_path):
     assert contents(entry) == before and not tmp.exists()
 
 
+def test_an_entry_a_cut_short_removal_left_incomplete_is_rebuilt(cache, tmp_path):
+    path = make_convnet(tmp_path / "m.onnx")
+    load_model(path)
+    [entry] = entries(cache)
+    (entry / sessioncache.GRAPH).unlink()  # rmtree stopped after the first file
+    assert sessioncache.graph_of(entry) is None
+    load_model(path)
+    assert sessioncache.graph_of(entry) is not None
+    level = ort.GraphOptimizationLevel
+    warm = load_model(path)
+    assert warm.session.get_session_options().graph_optimization_level == level.ORT_DISABLE_ALL
+
+
 def test_earlier_releases_entries_and_crashed_writers_leftovers_are_removed(cache, tmp_path):
     import os
     import time
