@@ -228,8 +228,8 @@ def _cpu_only(providers: tuple[str, ...]) -> bool:
 
 def _session(data: bytes, source: str, providers: tuple[str, ...], threads: int | None,
              entry: Path | None = None) -> tuple[ort.InferenceSession, Path | None]:
-    """The session, and the temporary file its optimised graph was written to for the cache
-    (None when it came from the cache, or the cache is off or not writable)."""
+    """The session, and the temporary directory its optimised graph was written into for the
+    cache (None when it came from the cache, or the cache is off or not writable)."""
     names = _provider_names(providers)
     graph = sessioncache.graph_of(entry) if entry is not None else None
     if graph is not None:
