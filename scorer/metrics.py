@@ -12,7 +12,7 @@ precision. 1000 resamples of a few thousand predictions take well under a second
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -218,6 +218,34 @@ def _resample_weights(rng: np.random.Generator, n_rows: int, cluster: np.ndarray
     return counts[:, cluster]
 
 
+def _weight_chunks(groups, n: int, n_resamples: int, seed: int, chunk_elements: int
+                   ) -> tuple[int, Iterator[np.ndarray]]:
+    """(the number of clusters, the resamples as float weight matrices (rows, n) with
+    n_resamples rows in all): drawn in chunks of about chunk_elements numbers, which bounds
+    memory on large sets. Bad `groups` raise here, before anything is drawn."""
+    cluster, n_clusters = _clusters(groups, n)
+
+    def chunks() -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        rows, done = max(1, chunk_elements // max(n, n_clusters)), 0
+        while done < n_resamples:
+            r = min(rows, n_resamples - done)
+            yield _resample_weights(rng, r, cluster, n_clusters).astype(np.float64)
+            done += r
+
+    return n_clusters, chunks()
+
+
+def _interval(values: np.ndarray, level: float) -> dict[str, Any]:
+    """The percentile interval of a statistic's resampled values, over those where it was
+    defined (`valid` counts them)."""
+    ok = values[np.isfinite(values)]
+    if ok.size == 0:
+        return {"low": float("nan"), "high": float("nan"), "valid": 0}
+    lo, hi = np.percentile(ok, [50 * (1 - level), 50 * (1 + level)])
+    return {"low": float(lo), "high": float(hi), "valid": int(ok.size)}
+
+
 def bootstrap(y_true, y_score, thresholds: dict[str, float], *, n_resamples: int = 1000,
               seed: int = 0, groups=None, level: float = 0.95,
               chunk_elements: int = 4_000_000) -> dict[str, Any]:
@@ -231,18 +259,13 @@ def bootstrap(y_true, y_score, thresholds: dict[str, float], *, n_resamples: int
     uncertainty of choosing a threshold on this same data.
     """
     t, s = _arrays(y_true, y_score)
-    cluster, n_clusters = _clusters(groups, t.size)
-    rng = np.random.default_rng(seed)
+    n_clusters, resamples = _weight_chunks(groups, t.size, n_resamples, seed, chunk_elements)
     order, starts = _tie_blocks(s)
     tf = t.astype(np.float64)
     calls = {name: (s >= thr).astype(np.float64) for name, thr in thresholds.items()}
     stats: dict[str, list[np.ndarray]] = {"roc_auc": [], "average_precision": []}
     stats.update({f"{name}/{m}": [] for name in thresholds for m in CI_METRICS})
-    rows = max(1, chunk_elements // max(t.size, n_clusters))  # bounds memory on large sets
-    done = 0
-    while done < n_resamples:
-        r = min(rows, n_resamples - done)
-        w = _resample_weights(rng, r, cluster, n_clusters).astype(np.float64)
+    for w in resamples:
         auc, ap = _rank_metrics(w, t, order, starts)
         stats["roc_auc"].append(auc)
         stats["average_precision"].append(ap)
@@ -256,16 +279,7 @@ def bootstrap(y_true, y_score, thresholds: dict[str, float], *, n_resamples: int
                           "npv": tn / (total - called)}
             for m, v in values.items():
                 stats[f"{name}/{m}"].append(v)
-        done += r
-
-    def interval(values: np.ndarray) -> dict[str, Any]:
-        ok = values[np.isfinite(values)]
-        if ok.size == 0:
-            return {"low": float("nan"), "high": float("nan"), "valid": 0}
-        lo, hi = np.percentile(ok, [50 * (1 - level), 50 * (1 + level)])
-        return {"low": float(lo), "high": float(hi), "valid": int(ok.size)}
-
-    cis = {k: interval(np.concatenate(v)) for k, v in stats.items()}
+    cis = {k: _interval(np.concatenate(v), level) for k, v in stats.items()}
     return {"n_resamples": n_resamples, "seed": seed, "level": level,
             "clusters": n_clusters, "grouped": groups is not None,
             "roc_auc": cis["roc_auc"], "average_precision": cis["average_precision"],
@@ -285,20 +299,10 @@ def paired_auc_difference(y_true, score_a, score_b, *, n_resamples: int = 1000, 
     """
     t, a = _arrays(y_true, score_a)
     _, b = _arrays(y_true, score_b)  # the same length as y_true, so as score_a
-    cluster, n_clusters = _clusters(groups, t.size)
-    rng = np.random.default_rng(seed)
+    n_clusters, resamples = _weight_chunks(groups, t.size, n_resamples, seed, chunk_elements)
     blocks_a, blocks_b = _tie_blocks(a), _tie_blocks(b)
-    rows = max(1, chunk_elements // max(t.size, n_clusters))
-    diffs, done = [], 0
-    while done < n_resamples:
-        r = min(rows, n_resamples - done)
-        w = _resample_weights(rng, r, cluster, n_clusters).astype(np.float64)
-        diffs.append(_rank_metrics(w, t, *blocks_b)[0] - _rank_metrics(w, t, *blocks_a)[0])
-        done += r
-    d = np.concatenate(diffs)
-    ok = d[np.isfinite(d)]
-    lo, hi = (np.percentile(ok, [50 * (1 - level), 50 * (1 + level)]) if ok.size
-              else (float("nan"), float("nan")))
-    return {"difference": roc_auc(t, b) - roc_auc(t, a), "low": float(lo), "high": float(hi),
-            "valid": int(ok.size), "n_resamples": n_resamples, "seed": seed, "level": level,
-            "clusters": n_clusters, "grouped": groups is not None}
+    diffs = [_rank_metrics(w, t, *blocks_b)[0] - _rank_metrics(w, t, *blocks_a)[0]
+             for w in resamples]
+    return {"difference": roc_auc(t, b) - roc_auc(t, a),
+            **_interval(np.concatenate(diffs), level), "n_resamples": n_resamples,
+            "seed": seed, "level": level, "clusters": n_clusters, "grouped": groups is not None}
