@@ -270,24 +270,20 @@ def study_uid(path: Path) -> str:
         return ""
 
 
-def by_study(rows: list[dict[str, Any]], files: list[Path], positive: str, negative: str,
-             groups: list[str] | None = None, uids: list[str] | None = None
-             ) -> tuple[list[dict[str, Any]], list[str] | None]:
+def by_study(rows: list[dict[str, Any]], uids: list[str], positive: str, negative: str,
+             groups: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
     """Image rows -> one row per study, and each study's group (None without groups).
 
     Studies are formed as `fxscore studies` forms them (`studies.study_of`: StudyInstanceUID,
-    read here from each DICOM file, else the folder holding the file). A study's score is its
+    `uids` holding each row's file's `study_uid`, else the folder holding the file). A study's score is its
     highest image probability and its label that image's label (positive when any image is
     called positive); it is truly positive when any of its images is labelled so, whether or
     not that image could be read. A study none of whose images could be read is an
     unreadable row; one with some unreadable images counts as incomplete. With `groups`
-    (one per image), all images of a study must share a group. `uids`: the files'
-    `study_uid`s, where the caller has read them already [default: read here].
+    (one per image), all images of a study must share a group.
     """
     from .studies import STUDY_KEY, StudiesError, study_of, summarise
 
-    if uids is None:
-        uids = [study_uid(f) for f in files]
     tagged = [{**r, STUDY_KEY: uid, "_where": r["path"]} for r, uid in zip(rows, uids)]
     truth: dict[tuple[str, str], bool] = {}
     group: dict[tuple[str, str], str] = {}
@@ -396,8 +392,8 @@ def evaluate(root: str | os.PathLike, model, *, labels: str | os.PathLike | None
         """The evaluation of these rows at the requested level, and its readable rows' groups."""
         images = None
         if study_level:
-            images, (rows, groups) = rows, by_study(rows, files, meta.positive_class, negative,
-                                                    groups, [uid_of[f] for f in files])
+            images, (rows, groups) = rows, by_study(rows, [uid_of[f] for f in files],
+                                                    meta.positive_class, negative, groups)
         ev = Evaluation(rows, meta.positive_class, tuple(meta.class_names),
                         float(scorer.meta.threshold), images=images)
         return ev, ([g for g, r in zip(groups, rows) if not r["error"]] if groups else None)
