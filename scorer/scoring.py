@@ -221,6 +221,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
     own = isolated is None
     if own:
         isolated = make_isolated(workers, dicom.decode_timeout if dicom else None)
+    stacked = _BatchBuffer()
     with ThreadPoolExecutor(workers, thread_name_prefix="fxscore-decode") as pool:
         def fill() -> None:
             while len(pending) < capacity:
@@ -242,7 +243,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
                     rows = _score(model, threshold,
                                   [(name, r.sha, "" if r.excluded else r.x)
                                    for (name, *_), r in zip(batch, loaded)],
-                                  roles, [path for _, path, _ in batch])
+                                  roles, [path for _, path, _ in batch], stacked)
                 finally:
                     gate.set()
                 _colour_rule(rows, loaded)
@@ -535,15 +536,31 @@ def _give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+class _BatchBuffer:
+    """One model batch's input array, reused batch after batch: a fresh 19 MB array per batch
+    of 32 at 224 px cost its page faults while the model waited."""
+
+    def __init__(self) -> None:
+        self._array: np.ndarray | None = None
+
+    def stack(self, inputs: list[np.ndarray]) -> np.ndarray:
+        shape = (len(inputs), *inputs[0].shape)
+        a = self._array
+        if a is None or a.shape[1:] != shape[1:] or len(a) < len(inputs):
+            a = self._array = np.empty(shape, dtype=np.float32)
+        return np.stack(inputs, out=a[:len(inputs)])
+
+
 def _score(model: Model, threshold: float, loaded: list[tuple[str, str, np.ndarray | str]],
-           roles: tuple[str, ...] = ("probability",), files: list[Path] | None = None
-           ) -> list[Row]:
+           roles: tuple[str, ...] = ("probability",), files: list[Path] | None = None,
+           stacked: _BatchBuffer | None = None) -> list[Row]:
     scored = [i for i, (_, _, x) in enumerate(loaded) if not isinstance(x, str)]
     good = [loaded[i][2] for i in scored]
+    stack = (stacked or _BatchBuffer()).stack
     if roles == ("probability",) or not good:
-        outputs = {"probability": model.predict(np.stack(good))} if good else {}
+        outputs = {"probability": model.predict(stack(good))} if good else {}
     else:
-        outputs = model.predict_with(np.stack(good), roles)
+        outputs = model.predict_with(stack(good), roles)
     probs = iter(outputs.get("probability", ()))
     meta = model.meta
     rows = []
