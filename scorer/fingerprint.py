@@ -46,6 +46,8 @@ import numpy as np
 from PIL import Image
 from scipy import fft as sp_fft, ndimage  # scipy comes with scikit-learn
 
+from .preprocess import float_image
+
 THUMB = 128  # thumbnail side; verification's fine level works at this size
 DCT_SIDE = 32  # the candidate descriptor's image side
 DCT_K = 6  # keep the K x K lowest frequencies (minus DC)
@@ -84,7 +86,7 @@ def thumbnail(img: np.ndarray, size: int = THUMB) -> np.ndarray:
     and searches for exactly that. Stretching keeps 16-bit images with a narrow range from
     collapsing into a few grey levels.
     """
-    small = np.asarray(Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), "F")
+    small = np.asarray(float_image(img)
                        .resize((size, size), Image.BOX), dtype=np.float32)
     lo, hi = float(small.min()), float(small.max())
     if hi - lo < 1e-12:
@@ -138,7 +140,7 @@ def _block_mean(x: np.ndarray, side: int) -> np.ndarray:
     if x.shape[0] % side == 0:
         f = x.shape[0] // side
         return x.reshape(side, f, side, f).mean(axis=(1, 3))
-    return np.asarray(Image.fromarray(x, "F").resize((side, side), Image.BOX))
+    return np.asarray(float_image(x).resize((side, side), Image.BOX))
 
 
 def dihedral(x: np.ndarray, o: int) -> np.ndarray:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fxscore.contract import Preprocess
-from fxscore.preprocess import content_box, fit_to_input, preprocess, preprocess_batch
+from fxscore.preprocess import (_RESAMPLE, _maps_floats, content_box, fit_to_input, float_image,
+                                preprocess, preprocess_batch, resize)
 
 PAD = Preprocess(input_size=(64, 64), fit="pad")
 STRETCH = Preprocess(input_size=(64, 64))
@@ -54,3 +56,31 @@ def test_square_images_are_the_same_under_both_rules():
 def test_a_colour_or_batch_array_is_refused():
     with pytest.raises(ValueError, match="2-D intensity image"):
         preprocess(np.zeros((10, 10, 3), dtype=np.float32), PAD)
+
+
+@pytest.mark.parametrize("shape, size", [((2500, 2000), (224, 224)), ((7, 5), (3, 9)),
+                                         ((224, 300), (128, 128)), ((1, 600), (224, 224))])
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "lanczos"])
+def test_resize_reads_the_array_in_place_with_the_copys_result(shape, size, method):
+    assert _maps_floats(), "this Pillow's map_buffer no longer maps mode F: resize copies again"
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    mapped = float_image(image)
+    image[0, 0] = 2.0  # the image is the array's memory, not a copy of it
+    assert mapped.getpixel((0, 0)) == 2.0 and mapped.readonly
+    copied = Image.fromarray(image, mode="F").resize(size[::-1], resample=_RESAMPLE[method])
+    assert np.array_equal(resize(image, size, method), np.asarray(copied))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.float64).reshape(4, 6) / 7,          # float64: converted
+    (np.arange(24, dtype=np.float32).reshape(6, 4) / 7).T,      # transposed view
+    (np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7)[1, :, 1:],  # strided view
+])
+@pytest.mark.parametrize("maps", [True, False])
+def test_any_2d_array_becomes_its_float32_values(array, maps, monkeypatch):
+    from fxscore import preprocess as module
+
+    monkeypatch.setattr(module, "_MAPS_FLOATS", maps)  # False: a Pillow that cannot map F
+    im = module.float_image(array)
+    assert im.mode == "F" and im.size == array.shape[::-1]
+    assert np.array_equal(np.asarray(im), array.astype(np.float32))

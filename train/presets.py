@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fxscore.contract import Preprocess
-from fxscore.preprocess import fit_to_input, preprocess, resize
+from fxscore.preprocess import fit_to_input, float_image, preprocess, resize
 
 # Training decodes each file once and keeps it in memory, shrunk so its shorter side is at most
 # SHRINK_FACTOR x the input size. This is a training-speed measure only (real radiographs reach
@@ -97,7 +97,7 @@ class TrainPreset:
             x = x[:, ::-1]
         angle = rng.uniform(-self.degrees, self.degrees)
         # Corners rotated in are filled with 0: black, the background of a radiograph.
-        x = np.asarray(Image.fromarray(np.ascontiguousarray(x), mode="F").rotate(
+        x = np.asarray(float_image(x).rotate(
             angle, resample=Image.Resampling.BILINEAR, fillcolor=0.0), dtype=np.float32)
         return preprocess(x, self.params)
 
