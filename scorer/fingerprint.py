@@ -86,8 +86,7 @@ def thumbnail(img: np.ndarray, size: int = THUMB) -> np.ndarray:
     and searches for exactly that. Stretching keeps 16-bit images with a narrow range from
     collapsing into a few grey levels.
     """
-    small = np.asarray(float_image(img)
-                       .resize((size, size), Image.BOX), dtype=np.float32)
+    small = np.asarray(float_image(img).resize((size, size), Image.BOX), dtype=np.float32)
     lo, hi = float(small.min()), float(small.max())
     if hi - lo < 1e-12:
         return np.zeros((size, size), np.uint8)

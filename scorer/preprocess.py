@@ -50,8 +50,9 @@ def float_image(array: np.ndarray) -> Image.Image:
 
 
 def _mapped(array: np.ndarray) -> Image.Image:
-    if array.dtype != np.float32 or array.ndim != 2 or not array.flags.c_contiguous:
-        raise ValueError("expected a C-contiguous 2-D float32 array")
+    """A C-contiguous float32 array (float_image's, the probe's) mapped as mode F."""
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {array.shape}")
     height, width = array.shape
     im = Image.new("F", (0, 0))._new(Image.core.map_buffer(array, (width, height), "raw", 0,
                                                           ("F", 0, 1)))

@@ -243,7 +243,7 @@ def score_batches(model: Model, items: Iterable[tuple[str, Path]], *, batch_size
                     rows = _score(model, threshold,
                                   [(name, r.sha, "" if r.excluded else r.x)
                                    for (name, *_), r in zip(batch, loaded)],
-                                  roles, [path for _, path, _ in batch], stacked)
+                                  stacked, roles, [path for _, path, _ in batch])
                 finally:
                     gate.set()
                 _colour_rule(rows, loaded)
@@ -552,11 +552,11 @@ class _BatchBuffer:
 
 
 def _score(model: Model, threshold: float, loaded: list[tuple[str, str, np.ndarray | str]],
-           roles: tuple[str, ...] = ("probability",), files: list[Path] | None = None,
-           stacked: _BatchBuffer | None = None) -> list[Row]:
+           stacked: _BatchBuffer, roles: tuple[str, ...] = ("probability",),
+           files: list[Path] | None = None) -> list[Row]:
     scored = [i for i, (_, _, x) in enumerate(loaded) if not isinstance(x, str)]
     good = [loaded[i][2] for i in scored]
-    stack = (stacked or _BatchBuffer()).stack
+    stack = stacked.stack
     if roles == ("probability",) or not good:
         outputs = {"probability": model.predict(stack(good))} if good else {}
     else:
