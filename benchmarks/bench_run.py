@@ -8,7 +8,8 @@ Prints, in one run on the same images, each line with what it measured and its g
      graph cached (every start but a model's first on a machine; fxscore.sessioncache); goal
      <= 0.3 s. Beside it, the narrower figure earlier sessions reported, `import fxscore.cli`
      + `load_model(path)`, with the cache and without, and the import part alone;
-  2. bare onnxruntime throughput: session.run on already preprocessed 224x224 batches;
+  2. bare onnxruntime throughput: session.run on already preprocessed 224x224 batches,
+     fetching the outputs `fxscore run` fetches (with OOD statistics, the OOD score too);
   3. `fxscore run` end-to-end throughput (discover, decode, preprocess, score, write CSV) on
      the same 224x224 JPEGs (default 2,000), once started: the run's wall time less a model
      load in this process (median of 3, printed; start-up is (1)'s business), best and median
@@ -57,6 +58,8 @@ from fxscore import proctree
 from fxscore.cli import cli
 from fxscore.contract import ModelMeta, Preprocess
 from fxscore.files import find_images
+from fxscore.graph_outputs import roles_for
+from fxscore.images import ImageReadError
 from fxscore.cpus import available_cpus
 from fxscore.model import load_model
 from fxscore.runner import parse_size
@@ -167,9 +170,10 @@ def main() -> None:
             print(f"fxscore run {label:<18} {result[0]:8.1f} img/s  {1e3 * result[1]:7.1f} CPU "
                   f"ms/img  ({n} files) = {result[0] / bare[0]:6.1%} of bare; {goal}", flush=True)
 
-        report(e2e, "224x224 JPEG", n_small,
+        small_kind = "--small-dir" if args.small_dir else "224x224 JPEG"
+        report(e2e, small_kind, n_small,
                f"best of {args.repeat}, goal >= {E2E_GOAL['224']:.0%}")
-        print(f"fxscore run 224x224 JPEG, median of {args.repeat} alternating runs: "
+        print(f"fxscore run {small_kind}, median of {args.repeat} alternating runs: "
               f"{e2e_med:.1f} img/s = {e2e_med / bare_med:.1%} of bare's median "
               f"{bare_med:.1f} img/s; goal >= {E2E_GOAL['224']:.0%}", flush=True)
 
@@ -485,10 +489,18 @@ def make_many(folder: Path, n: int, source: Path) -> Path:
 
 
 def preprocessed_batches(model, folder: Path, batch_size: int) -> list[np.ndarray]:
+    """The folder's readable images as the model's input (a real folder has broken files:
+    the run makes them error rows, the bare model never sees them)."""
     params = model.meta.preprocess
-    x = np.stack([model_input(p, params) for _, p in find_images(folder)])
+    inputs = []
+    for _, p in find_images(folder):
+        try:
+            inputs.append(model_input(p, params))
+        except ImageReadError:
+            pass
+    x = np.stack(inputs)
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
-    model.predict(batches[0])  # warm-up: the first run allocates onnxruntime's arena
+    bare_run(model, batches[:1])  # warm-up: the first run allocates onnxruntime's arena
     return batches
 
 
@@ -516,8 +528,12 @@ def tree_cpu() -> float:
 
 
 def bare_run(model, batches: list[np.ndarray]) -> None:
+    roles = roles_for(model)  # what `fxscore run` fetches
     for batch in batches:
-        model.predict(batch)
+        if roles == ("probability",):
+            model.predict(batch)
+        else:
+            model.predict_with(batch, roles)
 
 
 def run_args(folder: Path, model: Path, out: Path, args, workers: int | None = None,

@@ -159,13 +159,17 @@ def explain_bytes(model: "Model", data: bytes, *, name: str = "image",
                   max_side: int = MAX_SIDE) -> Explanation:
     """One file's bytes -> its score (read exactly as `fxscore run` reads it) and heatmap."""
     from .images import read_image
-    from .scoring import model_input
+    from .scoring import model_input, model_input_with_colour
 
     require(model, (FEATURE_MAP,), "a heatmap")
     roles = [PROBABILITY, FEATURE_MAP]
     if model.meta.ood and has_roles(model, (OOD_SCORE,)):
         roles.append(OOD_SCORE)
-    x = model_input(io.BytesIO(data), model.meta.preprocess, name=name)
+    # the same flag as `fxscore run`'s, the colour rule included, from the same decode
+    if OOD_SCORE in roles:
+        x, colour = model_input_with_colour(io.BytesIO(data), model.meta.preprocess, name=name)
+    else:
+        x, colour = model_input(io.BytesIO(data), model.meta.preprocess, name=name), False
     out = model.predict_with(x[None], tuple(roles))
     p = float(out[PROBABILITY][0])
     cells = cam_cells(out[FEATURE_MAP][0], model.meta.cam["weights"])
@@ -173,11 +177,11 @@ def explain_bytes(model: "Model", data: bytes, *, name: str = "image",
                           max_side)
     heat = upsample(normalise(cells), shown.shape, model.meta.preprocess)
     score = flag = None
-    if OOD_SCORE in out:  # the same flag as `fxscore run`'s, the colour rule included
-        from .ood import colour_input, ood_cells
+    if OOD_SCORE in out:
+        from .ood import ood_cells
 
         score, flag = ood_cells(float(out[OOD_SCORE][0]), float(model.meta.ood["threshold"]),
-                                colour_input(io.BytesIO(data), name))
+                                colour)
     return Explanation(probability=p, label=model.label(p), cells=cells, heat=heat,
                        image=shown, overlay=overlay(shown, heat),
                        sha256=hashlib.sha256(data).hexdigest(), ood_score=score, ood=flag)

@@ -282,6 +282,21 @@ def read_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
     Raises ImageReadError (naming the file and the reason) for anything that is not a complete,
     decodable image, or whose decoded pixels would exceed MAX_DECODED_BYTES.
     """
+    return _read(source, name, min_size, colour=False)[0]
+
+
+def read_with_colour(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
+                     min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """(read_image(...), image_info(..., decode=True)["has_colour"]) with one decode where
+    read_image decodes in full anyway (no JPEG draft): the OOD flag's colour rule, at the
+    cost of the test alone on the pixels already decoded. A DICOM file is colour when stored
+    so (its header). Raises ImageReadError like read_image; a colour test that fails on an
+    image read_image can read says "no colour" (the image is scored, as grey).
+    """
+    return _read(source, name, min_size, colour=True)
+
+
+def _read(source, name: str | None, min_size, colour: bool) -> tuple[np.ndarray, bool]:
     _refuse_truncated_mode()
     with _source(source, name) as (f, label):
         with _errors_described(label):
@@ -289,11 +304,18 @@ def read_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None,
             if fmt == "dicom" or (fmt is None and _dicom_by_suffix(label)):
                 from .dicom import read_dicom
                 # DICOM without the 128-byte preamble (pre-Part 10 files) still exist.
-                return read_dicom(f, label, force=fmt is None)
+                image = read_dicom(f, label, force=fmt is None)
+                if not colour:
+                    return image, False
+                f.seek(0)
+                try:
+                    return image, bool(image_info(f, name=label, decode=True)["has_colour"])
+                except ImageReadError:
+                    return image, False
             if fmt is None:
                 raise ImageReadError(_not_an_image(label, f))
             f.seek(0)
-            return _read_pil(f, label, fmt, min_size)
+            return _read_pil(f, label, fmt, min_size, colour)
 
 
 def decoded_nbytes(source: str | os.PathLike | BinaryIO,
@@ -305,6 +327,21 @@ def decoded_nbytes(source: str | os.PathLike | BinaryIO,
     Raises ImageReadError like read_image for files whose header cannot be read (or that
     read_image would refuse as too large).
     """
+    return _decode_cost(source, min_size, name, colour=False)[0]
+
+
+def colour_read_cost(source: str | os.PathLike | BinaryIO,
+                     min_size: tuple[int, int] | None = None, *,
+                     name: str | None = None) -> tuple[int, bool]:
+    """(decoded_nbytes of `read_with_colour`, whether the file is stored in colour), from one
+    header read. A file stored in grey shows no colour, so its peak is read_image's; one
+    stored in colour that read_image decodes at reduced scale is decoded in full as well.
+    A DICOM file says (False): its colour is in its header (`image_info`).
+    """
+    return _decode_cost(source, min_size, name, colour=True)
+
+
+def _decode_cost(source, min_size, name: str | None, colour: bool) -> tuple[int, bool]:
     with _source(source, name) as (f, label):
         with _errors_described(label):
             fmt = _format_of(f.read(_HEAD))
@@ -312,14 +349,16 @@ def decoded_nbytes(source: str | os.PathLike | BinaryIO,
                 from . import dicom
                 header = dicom.read_header(f, label, force=fmt is None)
                 dicom.check_size(header, label)
-                return dicom.peak_bytes(header, label)
+                return dicom.peak_bytes(header, label), False
             if fmt is None:
                 raise ImageReadError(_not_an_image(label, f))
             f.seek(0)
             with Image.open(f, formats=[_PIL_FORMATS[fmt]]) as im:
                 plan = _Plan(im, fmt, min_size)
                 check_decoded(plan.decoded, label, plan.what)
-                return plan.peak
+                if colour and _stored_in_colour(im):  # the colour test decodes in full
+                    return max(plan.peak, _Plan(im, fmt, None).peak), True
+                return plan.peak, False
 
 
 def _refuse_truncated_mode() -> None:
@@ -453,10 +492,14 @@ def _pillow_pixel_bytes(mode: str) -> int:
     return 1 if mode in _ONE_BYTE_MODES else 2 if mode.startswith("I;16") else 4
 
 
-def _read_pil(f: BinaryIO, label: str, fmt: str, min_size) -> np.ndarray:
+def _read_pil(f: BinaryIO, label: str, fmt: str, min_size,
+              colour: bool = False) -> tuple[np.ndarray, bool]:
+    """(intensity image, whether it shows colour: False unless `colour` asks)."""
     with Image.open(f, formats=[_PIL_FORMATS[fmt]]) as im:  # reads the header only
         plan = _Plan(im, fmt, min_size)
         check_decoded(plan.decoded, label, plan.what)
+        stored = colour and _stored_in_colour(im)
+        shows: bool | None = None
         if plan.draft > 1:
             # Pillow takes the largest scale that keeps this size: exactly plan.draft.
             width, height = im.size
@@ -464,6 +507,11 @@ def _read_pil(f: BinaryIO, label: str, fmt: str, min_size) -> np.ndarray:
             if im.size != plan.decode_size:
                 raise ValueError(f"JPEG draft gave {im.size}, expected {plan.decode_size}")
         im.load()  # decode now, so a truncated file raises here instead of loading half grey
+        if stored and plan.draft == 1:  # these pixels are the ones the colour test decodes
+            try:
+                shows = _shows_colour(im)
+            except Exception:  # noqa: BLE001 - colour that cannot be tested is none
+                shows = False
         depth = _declared_bit_depth(im, f, fmt)
         if plan.reduce > 1:
             depth = _valid_depth(im, depth)
@@ -474,7 +522,13 @@ def _read_pil(f: BinaryIO, label: str, fmt: str, min_size) -> np.ndarray:
         out = _to_intensity(small, depth)
         if late > 1:
             out = _block_mean(out, late)
-        return np.ascontiguousarray(out)
+    if stored and shows is None:  # decoded at reduced scale: the test decodes in full
+        f.seek(0)
+        try:
+            shows = _has_colour(f, label, {"format": fmt})
+        except ImageReadError:
+            shows = False
+    return np.ascontiguousarray(out), bool(shows)
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
@@ -685,11 +739,7 @@ def _pil_info(f: BinaryIO, fmt: str) -> dict[str, Any]:
         if depth is None:
             depth = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32,
                      "F": 32}.get(mode, 8)
-        if mode in ("P", "PA"):
-            pal = np.asarray(im.getpalette("RGB") or [0, 0, 0]).reshape(-1, 3)
-            colour = bool((pal.max(axis=1) != pal.min(axis=1)).any())
-        else:
-            colour = mode in _COLOUR_MODES
+        colour = _stored_in_colour(im)
         width, height = im.size
         # Pillow's PNG getexif() decodes the whole image unless eXIf came before the pixels.
         exif = im.getexif() if fmt != "png" or "exif" in im.info else {}
@@ -699,13 +749,16 @@ def _pil_info(f: BinaryIO, fmt: str) -> dict[str, Any]:
                 "bit_depth": depth, "is_colour": colour}
 
 
-def _has_colour(f: BinaryIO, label: str, info: dict[str, Any]) -> bool:
-    """More than 0.01% of pixels with a channel spread above 24/255.
+def _stored_in_colour(im: Image.Image) -> bool:
+    """Stored with colour channels or a palette that is not all grey (from the header)."""
+    if im.mode in ("P", "PA"):
+        pal = np.asarray(im.getpalette("RGB") or [0, 0, 0]).reshape(-1, 3)
+        return bool((pal.max(axis=1) != pal.min(axis=1)).any())
+    return im.mode in _COLOUR_MODES
 
-    Grey radiographs saved as RGB JPEG differ between channels only by a few levels of
-    chroma-rounding noise (never above 24 in the 2,300 of them in the real data set); a small
-    coloured arrow on a 224 px image covers some tens of pixels.
-    """
+
+def _has_colour(f: BinaryIO, label: str, info: dict[str, Any]) -> bool:
+    """`_shows_colour` of the file's pixels decoded in full; DICOM: as stored."""
     if info["format"] == "dicom":
         return bool(info["is_colour"])
     with _errors_described(label):
@@ -713,10 +766,22 @@ def _has_colour(f: BinaryIO, label: str, info: dict[str, Any]) -> bool:
             plan = _Plan(im, info["format"], None)
             check_decoded(plan.decoded, label, plan.what)
             im.load()
-            rgb = np.asarray(im.convert("RGB"))
-    # Channel by channel in uint8 (max >= min: no wrap-around): max(axis=2) over a 3-wide axis
-    # cost 20 times the decode, and the OOD flag's colour rule runs this on every colour file.
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+            return _shows_colour(im)
+
+
+def _shows_colour(im: Image.Image) -> bool:
+    """More than 0.01% of a decoded image's pixels with a channel spread above 24/255.
+
+    Grey radiographs saved as RGB JPEG differ between channels only by a few levels of
+    chroma-rounding noise (never above 24 in the 2,300 of them in the real data set); a small
+    coloured arrow on a 224 px image covers some tens of pixels.
+    """
+    # convert("RGB") of an RGB image is a copy of the same pixels: skip it.
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    # Channel by channel in uint8 (max >= min: no wrap-around), on Pillow's three contiguous
+    # bands: max(axis=2) over a 3-wide axis cost 20 times the decode, strided views of one
+    # array 1.7 times these, and the OOD flag's colour rule runs this on every colour file.
+    r, g, b = (np.asarray(band) for band in rgb.split())
     spread = np.maximum(np.maximum(r, g), b)
     spread -= np.minimum(np.minimum(r, g), b)
     return bool(np.count_nonzero(spread > 24) > 0.0001 * spread.size)

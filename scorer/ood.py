@@ -23,13 +23,14 @@ conditioned, with the amount chosen from the data). The distance is computed ins
 (`explain_graph.add_ood_output`), so the statistics are weights covered by the model's digest,
 and `mahalanobis` here is its numpy reference.
 
-The colour rule: a scored image that shows real colour (`colour_input`: the same test that
-leaves colour images out of the fit) is flagged `ood` whatever its distance; its `ood_score`
-stays the distance. The model reads luma only, so a coloured figure can sit close to the fit
-images in feature space, yet no radiograph is in colour: the fit excluded them, and nothing
-says the model was validated on one. `fxscore run` and `eval` apply it (`scoring.score_batches`
-checks colour only for a model with OOD statistics, decoding only files stored in colour);
-error rows keep empty OOD cells and a model without statistics is unchanged.
+The colour rule: a scored image that shows real colour (`images.read_with_colour`: the same
+test, from the same decode, that leaves colour images out of the fit) is flagged `ood`
+whatever its distance; its `ood_score` stays the distance. The model reads luma only, so a
+coloured figure can sit close to the fit images in feature space, yet no radiograph is in
+colour: the fit excluded them, and nothing says the model was validated on one. `fxscore run`
+and `eval` apply it (`scoring.score_batches` checks colour only for a model with OOD
+statistics, and only files stored in colour, on the pixels decoded for scoring); error rows
+keep empty OOD cells and a model without statistics is unchanged.
 
 Fit: the mean and covariance on the training images and the threshold on the validation
 images (held out from the fit, unseen in training, like the images the model will score), at
@@ -56,7 +57,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -227,13 +228,14 @@ def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bo
     The features are the graph's own `ood_features` output where it has one, else its pooled
     features (`feature_role`): the statistics are fit on exactly what the graph computes.
     Each file is read once, hashed, and fed through the scorer's reading rule
-    (`scoring.model_input`); colour images are left out when `exclude_colour`.
+    (`scoring.model_input`); colour images are left out when `exclude_colour`, by the test
+    `fxscore run` flags them with (`scoring.model_input_with_colour`).
     """
     import hashlib
     import io
 
-    from .images import ImageReadError, image_info
-    from .scoring import model_input
+    from .images import ImageReadError
+    from .scoring import model_input, model_input_with_colour
 
     excluded: dict[str, int] = {}
     feats: list[np.ndarray] = []
@@ -252,11 +254,13 @@ def pooled_features(model: "Model", files: Iterable[Path], *, exclude_colour: bo
         f = Path(f)
         try:
             data = f.read_bytes()
-            if exclude_colour and image_info(io.BytesIO(data), decode=True,
-                                             name=str(f)).get("has_colour"):
-                excluded["colour"] = excluded.get("colour", 0) + 1
-                continue
-            x = model_input(io.BytesIO(data), params, name=str(f))
+            if exclude_colour:
+                x, colour = model_input_with_colour(io.BytesIO(data), params, name=str(f))
+                if colour:
+                    excluded["colour"] = excluded.get("colour", 0) + 1
+                    continue
+            else:
+                x = model_input(io.BytesIO(data), params, name=str(f))
         except (ImageReadError, OSError):
             excluded["unreadable"] = excluded.get("unreadable", 0) + 1
             continue
@@ -310,26 +314,10 @@ def fit_ood(model: "Model", files: Iterable[Path], *, false_flag_rate: float = F
 def ood_cells(score: float | None, threshold: float, colour: bool = False
               ) -> tuple[float | None, bool | None]:
     """(ood_score, ood) for a row: flagged when the distance exceeds the threshold, or when
-    the image is in colour (`colour_input`; the score stays the distance)."""
+    the image is in colour (`images.read_with_colour`; the score stays the distance)."""
     if score is None:
         return None, None
     return float(score), bool(colour or score > threshold)
-
-
-def colour_input(f: BinaryIO, name: str) -> bool:
-    """Whether an open image file (at offset 0; left there) shows real colour: the fit's own
-    rule, `images.image_info(decode=True)["has_colour"]`, which decodes the pixels only for
-    files stored in colour (a DICOM file is colour when stored so; a grey mode costs a header
-    read). An unreadable file is not colour (reading it says why).
-    """
-    from .images import ImageReadError, image_info
-
-    try:
-        return bool(image_info(f, name=name, decode=True).get("has_colour"))
-    except ImageReadError:
-        return False
-    finally:
-        f.seek(0)
 
 
 # ---------------------------------------------------------------------------- embedding

@@ -49,7 +49,8 @@ from .contract import Preprocess
 from .cpus import available_cpus
 from .dicom import check_size as check_dicom_size, peak_bytes as dicom_peak_bytes
 from .images import (MIN_SIDE, ImageReadError, check_min_side,  # noqa: F401 (MIN_SIDE)
-                     decoded_nbytes, open_regular, read_image)
+                     colour_read_cost, decoded_nbytes, open_regular, read_image,
+                     read_with_colour)
 from .model import Model
 from .preprocess import preprocess
 
@@ -302,8 +303,23 @@ def model_input(source: str | os.PathLike | BinaryIO, params: Preprocess, *,
     Everything that must give the scorer's numbers (export parity, int8 calibration,
     training's validation) should read through this, not `read_image` alone.
     """
-    image = read_image(source, name=name, min_size=params.input_size)
-    return preprocess(check_min_side(image, source, name), params)
+    return _model_input(source, params, name, colour=False)[0]
+
+
+def model_input_with_colour(source: str | os.PathLike | BinaryIO, params: Preprocess, *,
+                            name: str | None = None) -> tuple[np.ndarray, bool]:
+    """(model_input(...), whether the image shows colour: the OOD flag's colour rule), from
+    one decode where the reading rule decodes in full anyway (`images.read_with_colour`)."""
+    return _model_input(source, params, name, colour=True)
+
+
+def _model_input(source, params: Preprocess, name: str | None,
+                 colour: bool) -> tuple[np.ndarray, bool]:
+    if colour:
+        image, shows = read_with_colour(source, name=name, min_size=params.input_size)
+    else:
+        image, shows = read_image(source, name=name, min_size=params.input_size), False
+    return preprocess(check_min_side(image, source, name), params), shows
 
 
 def estimate_nbytes(f: BinaryIO, size: int, min_size: tuple[int, int] | None = None) -> int:
@@ -315,6 +331,10 @@ def estimate_nbytes(f: BinaryIO, size: int, min_size: tuple[int, int] | None = N
         decoded = UNKNOWN_FACTOR * size
     finally:
         f.seek(0)
+    return _with_file(size, decoded)
+
+
+def _with_file(size: int, decoded: int) -> int:
     return size + int(DECODE_OVERHEAD * decoded) + PER_FILE
 
 
@@ -327,7 +347,9 @@ def _load(path: Path, params: Preprocess, budget: MemoryBudget,
     A DICOM header is read first, from the open file: with `dicom`, a file it excludes is read
     no further. Compressed DICOM pixel data is decoded by `isolated`. sha256 is "" when the
     file could not be read at all; a failure comes back as its message (in place of the input).
-    With `colour`, whether the image shows real colour is found too (`_colour_of`).
+    With `colour`, whether the image shows real colour is found too: for DICOM from its
+    header (`_dicom_colour`), for a file stored in colour from its pixels, by the same decode
+    that scores it where the reading rule decodes in full (`model_input_with_colour`).
     """
     if gate is not None:
         gate.wait()  # the model is running a batch on the CPUs this would compete for
@@ -345,20 +367,20 @@ def _load(path: Path, params: Preprocess, budget: MemoryBudget,
                     if dicom.sr_out is not None:
                         ds = header.ds
                 extra = identifiers.dicom_columns(header.ds if header else None, dicom.columns)
-            need = _estimate(f, size, params, header, where)
-            decode_colour = colour and header is None and _stored_in_colour(f, where)
-            if decode_colour:  # the check decodes at full scale, before the model's decode
-                need = max(need, estimate_nbytes(f, size, None))
+            need, decode_colour = _estimate(f, size, params, header, where, colour)
             with budget.hold(need):
                 try:
                     data = f.read()
                     sha = hashlib.sha256(data).hexdigest()
                     if unreadable is not None:
                         raise unreadable  # the hash is of what was read: a fix shows
-                    if colour:
-                        is_colour = _colour_of(data, header, where, decode_colour)
+                    if colour and header is not None:
+                        is_colour = _dicom_colour(header)
                     if header is not None and isolated is not None and _compressed(header):
                         x = isolated.call(data, where, params, name=where)
+                    elif decode_colour:
+                        x, is_colour = model_input_with_colour(io.BytesIO(data), params,
+                                                               name=where)
                     else:
                         x = model_input(io.BytesIO(data), params, name=where)
                     del data
@@ -379,32 +401,11 @@ def _load(path: Path, params: Preprocess, budget: MemoryBudget,
     return _Loaded(sha, " ".join(message.split()), extra, where=where)
 
 
-def _stored_in_colour(f: BinaryIO, name: str) -> bool:
-    """A non-DICOM file whose header says colour channels or a colour palette; f is left at 0.
-    Greyscale modes never show colour, so only these need their pixels looked at."""
-    from .images import image_info
-
-    try:
-        return bool(image_info(f, name=name).get("is_colour"))
-    except ImageReadError:
-        return False  # reading the image says what is wrong with it
-    finally:
-        f.seek(0)
-
-
-def _colour_of(data: bytes, header: Any, name: str, decode: bool) -> bool:
-    """The OOD fit's colour rule (`images.image_info(decode=True)["has_colour"]`): a DICOM
-    image is colour when its Photometric Interpretation is not MONOCHROME (from the header
-    already read); another file when stored in colour and more than 0.01% of its pixels show
-    chroma (`ood.colour_input`, which decodes it)."""
-    if header is not None:
-        photometric = str(header.ds.get("PhotometricInterpretation", "MONOCHROME2"))
-        return not photometric.strip().upper().startswith("MONOCHROME")
-    if not decode:
-        return False
-    from .ood import colour_input
-
-    return colour_input(io.BytesIO(data), name)
+def _dicom_colour(header: Any) -> bool:
+    """The OOD fit's colour rule for DICOM (`images.image_info(decode=True)["has_colour"]`):
+    an image is colour when its Photometric Interpretation is not MONOCHROME."""
+    photometric = str(header.ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    return not photometric.strip().upper().startswith("MONOCHROME")
 
 
 def _colour_rule(rows: list[Row], loaded: list[_Loaded]) -> None:
@@ -433,16 +434,27 @@ def _compressed(header: Any) -> bool:
     return needs_isolation(header)
 
 
-def _estimate(f: BinaryIO, size: int, params: Preprocess, header: Any, name: str) -> int:
-    """estimate_nbytes, from the DICOM header already read where there is one."""
+def _estimate(f: BinaryIO, size: int, params: Preprocess, header: Any, name: str,
+              colour: bool = False) -> tuple[int, bool]:
+    """(estimate_nbytes, whether the colour rule decodes pixels: with `colour`, for a file
+    stored in colour that is not DICOM), from the DICOM header already read where there is
+    one, else from one read of the image's header."""
     if header is None:
-        return estimate_nbytes(f, size, params.input_size)
+        if not colour:
+            return estimate_nbytes(f, size, params.input_size), False
+        try:
+            decoded, stored = colour_read_cost(f, params.input_size)
+        except Exception:  # noqa: BLE001 - as estimate_nbytes: read_image says why, fast
+            decoded, stored = UNKNOWN_FACTOR * size, False
+        finally:
+            f.seek(0)
+        return _with_file(size, decoded), stored
     try:
         check_dicom_size(header, name)
         decoded = dicom_peak_bytes(header, name)
     except Exception:  # noqa: BLE001 - refused or odd: read_image says why, fast
         decoded = UNKNOWN_FACTOR * size
-    return size + int(DECODE_OVERHEAD * decoded) + PER_FILE
+    return _with_file(size, decoded), False
 
 
 def _with_dicom(model: Model, threshold: float, rows: list[Row], loaded: list[_Loaded],

@@ -25,8 +25,9 @@ from pydicom.uid import JPEGLossless
 
 from conftest import REPO, SAMPLE_DATA, require_real_data
 from fxscore import images
-from fxscore.images import (IMAGE_EXTENSIONS, ImageReadError, decoded_nbytes, image_info,
-                            is_dicom_file, open_regular, read_image, sniff_format)
+from fxscore.images import (IMAGE_EXTENSIONS, ImageReadError, colour_read_cost, decoded_nbytes,
+                            image_info, is_dicom_file, open_regular, read_image,
+                            read_with_colour, sniff_format)
 from fxscore.contract import Preprocess
 from fxscore.preprocess import preprocess
 from test_dicom import STORED, write_dicom
@@ -250,6 +251,78 @@ def test_image_info_colour(tmp_path):
     assert not grey["has_colour"] and red["has_colour"]
     Image.fromarray(ramp()).convert("P").save(tmp_path / "grey_palette.png")
     assert image_info(tmp_path / "grey_palette.png")["is_colour"] is False
+
+
+def _colour_cases(root: Path) -> list[Path]:
+    """Files stored in colour and in grey, showing colour or not, decoded in full or drafted."""
+    grey_rgb = np.repeat(ramp(64, 64)[..., None], 3, axis=2)
+    arrow = grey_rgb.copy()
+    arrow[20:30, 10:40] = (255, 0, 0)
+    # 2400 x 1800: JPEG drafts it at a 224 px model's input size (1/2 keeps 3 x 224 pixels)
+    large = np.repeat((phantom(1800, 2400) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    large_arrow = large.copy()
+    large_arrow[100:160, 100:400] = (0, 200, 0)
+    files = {"grey.jpg": Image.fromarray(grey_rgb), "arrow.jpg": Image.fromarray(arrow),
+             "arrow.png": Image.fromarray(arrow), "l.jpg": Image.fromarray(ramp(64, 64)),
+             "grey_palette.png": Image.fromarray(ramp(64, 64)).convert("P"),
+             "palette.png": Image.fromarray(arrow).quantize(colors=16),
+             "rgba.png": Image.fromarray(np.dstack([arrow, np.full((64, 64), 200, np.uint8)])),
+             "cmyk.jpg": Image.fromarray(arrow).convert("CMYK"),
+             "large.jpg": Image.fromarray(large), "large_arrow.jpg": Image.fromarray(large_arrow),
+             "large_arrow.png": Image.fromarray(large_arrow)}
+    for name, im in files.items():
+        im.save(root / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+    write_dicom(root / "x.dcm", (ramp(64, 64) * 16).astype(np.uint16))
+    return [root / name for name in files] + [root / "x.dcm"]
+
+
+@pytest.mark.parametrize("min_size", [None, (64, 64), (224, 224)])
+def test_read_with_colour_is_read_image_and_the_colour_test(tmp_path, min_size):
+    """One decode gives both, the same image bit for bit and the same colour verdict; its
+    memory estimate is what the two reads it replaces were given."""
+    shown = []
+    for path in _colour_cases(tmp_path):
+        image, shows = read_with_colour(path, min_size=min_size)
+        np.testing.assert_array_equal(image, read_image(path, min_size=min_size))
+        info = image_info(path, decode=True)
+        assert shows is info["has_colour"], path.name
+        shown.append(shows)
+        if path.suffix != ".dcm":
+            expected = (max(decoded_nbytes(path, min_size), decoded_nbytes(path)), True) \
+                if info["is_colour"] else (decoded_nbytes(path, min_size), False)
+            assert colour_read_cost(path, min_size) == expected, path.name
+    assert shown.count(True) == 7 and shown.count(False) == 5
+
+
+@pytest.mark.parametrize("name, min_size, decodes", [
+    ("arrow.jpg", (224, 224), 1), ("arrow.png", (224, 224), 1), ("l.jpg", (224, 224), 1),
+    ("large_arrow.png", (224, 224), 1),  # reduced after a decode in full: still one
+    ("large_arrow.jpg", None, 1),
+    ("large_arrow.jpg", (224, 224), 2),  # drafted in the DCT domain: the test decodes in full
+])
+def test_read_with_colour_decodes_once_unless_drafted(tmp_path, monkeypatch, name, min_size,
+                                                      decodes):
+    path = {p.name: p for p in _colour_cases(tmp_path)}[name]
+    made = []
+    real = Image._getdecoder
+    monkeypatch.setattr(Image, "_getdecoder", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    read_with_colour(path, min_size=min_size)
+    assert len(made) == decodes
+
+
+@pytest.mark.parametrize("spread, pixels, want", [
+    (24, 400, False), (25, 400, True),  # the level: above 24 of 255
+    (60, 1, False), (60, 2, True),  # the share: more than 0.01% of 100 x 100 pixels
+])
+def test_colour_test_at_its_edges(tmp_path, spread, pixels, want):
+    rgb = np.full((100, 100, 3), 120, np.uint8)
+    rgb.reshape(-1, 3)[:pixels, 0] += spread
+    for mode in ("RGB", "RGBA", "P"):
+        f = tmp_path / f"edge-{mode}.png"
+        img = Image.fromarray(rgb)
+        (img.quantize(256) if mode == "P" else img.convert(mode)).save(f)
+        assert image_info(f, decode=True)["has_colour"] is want, mode
+        assert read_with_colour(io.BytesIO(f.read_bytes()), min_size=(32, 32))[1] is want, mode
 
 
 # ---------------------------------------------------------------------------- broken inputs
@@ -487,11 +560,14 @@ def test_limit_from_environment(value, expected):
 PEAK_SCRIPT = """
 import json, resource, sys
 import numpy as np
-from fxscore.images import decoded_nbytes, read_image
+from fxscore.images import colour_read_cost, decoded_nbytes, read_image, read_with_colour
 min_size = tuple(json.loads(sys.argv[2])) if sys.argv[2] != "null" else None
-estimate = decoded_nbytes(sys.argv[1], min_size)
+colour = sys.argv[3] == "colour"
+estimate = (colour_read_cost(sys.argv[1], min_size)[0] if colour
+            else decoded_nbytes(sys.argv[1], min_size))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-shape = read_image(sys.argv[1], min_size=min_size).shape
+shape = (read_with_colour(sys.argv[1], min_size=min_size)[0] if colour
+         else read_image(sys.argv[1], min_size=min_size)).shape
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 print(json.dumps({"estimate": estimate, "peak": peak, "shape": shape}))
 """
@@ -518,11 +594,12 @@ def large_files(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["l.png", "rgb.png", "i16.png", "rgb.jpg", "p.png", "x.dcm"])
 @pytest.mark.parametrize("min_size", [None, (224, 224)], ids=["full", "reduced"])
-def test_decoded_nbytes_bounds_the_real_peak(large_files, name, min_size):
+@pytest.mark.parametrize("reader", ["grey", "colour"])
+def test_decoded_nbytes_bounds_the_real_peak(large_files, name, min_size, reader):
     """The estimate a memory budget uses is never below what a read really takes (peak RSS
-    in a fresh process), and not wildly above it."""
+    in a fresh process), and not wildly above it: read_image's, and read_with_colour's."""
     proc = subprocess.run(["timeout", "60", sys.executable, "-c", PEAK_SCRIPT,
-                           str(large_files / name), json.dumps(min_size)],
+                           str(large_files / name), json.dumps(min_size), reader],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-1000:]
     result = json.loads(proc.stdout)
@@ -838,7 +915,12 @@ def test_real_colour_content_only_in_fractured(real_scan):
     for sha, (row, result, info) in sorted(real_scan.items()):
         # Every stored-colour PNG, and every 16th stored-colour JPEG (to keep this quick).
         if info and info["is_colour"] and (info["format"] != "jpeg" or int(sha, 16) % 16 == 0):
-            if image_info(root / "blobs" / sha, decode=True)["has_colour"]:
+            path = root / "blobs" / sha
+            shows = image_info(path, decode=True)["has_colour"]
+            image, colour = read_with_colour(path, min_size=(224, 224))  # one decode, the same
+            assert colour is shows, sha
+            np.testing.assert_array_equal(image, read_image(path, min_size=(224, 224)))
+            if shows:
                 coloured.append(row["class"])
     assert coloured and set(coloured) == {"fractured"}
 

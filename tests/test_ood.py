@@ -221,43 +221,25 @@ def test_ood_cells_flag_colour_whatever_the_distance():
     assert ood_cells(None, 5.0, colour=True) == (None, None)
 
 
-def test_colour_input_is_the_fits_colour_rule(tmp_path):
+def test_the_run_flags_colour_by_the_fits_rule(tmp_path):
+    """What the fit leaves out as colour (`image_info(decode=True)`, the data set's rule)
+    is what `fxscore run` flags, from the pixels it decodes to score."""
     import io
 
-    from fxscore.images import image_info
-    from fxscore.ood import colour_input
+    from fxscore.contract import Preprocess
+    from fxscore.images import ImageReadError, image_info
+    from fxscore.scoring import model_input, model_input_with_colour
 
     colour = _textures(tmp_path, 1, seed=0, colour=True)[0]
     grey = _textures(tmp_path, 1, seed=1)[0]
     rgb_grey = tmp_path / "rgb-grey.png"  # a grey radiograph stored as RGB
     Image.open(grey).convert("RGB").save(rgb_grey)
+    params = Preprocess(input_size=(32, 32))
+    for f, want in ((colour, True), (grey, False), (rgb_grey, False)):
+        x, shows = model_input_with_colour(io.BytesIO(f.read_bytes()), params, name=str(f))
+        assert shows is want is image_info(f, decode=True)["has_colour"], f
+        np.testing.assert_array_equal(x, model_input(f, params))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    for f, want in ((colour, True), (grey, False), (rgb_grey, False), (broken, False)):
-        stream = io.BytesIO(f.read_bytes())
-        assert colour_input(stream, str(f)) is want, f
-        assert stream.tell() == 0
-        if f != broken:
-            assert image_info(f, decode=True)["has_colour"] is want
-
-
-@pytest.mark.parametrize("spread, pixels, want", [
-    (24, 400, False), (25, 400, True),  # the level: above 24 of 255
-    (60, 1, False), (60, 2, True),  # the share: more than 0.01% of 100 x 100 pixels
-])
-def test_colour_input_agrees_with_image_info_at_the_edges(tmp_path, spread, pixels, want):
-    import io
-
-    from fxscore.images import image_info
-    from fxscore.ood import colour_input
-
-    rgb = np.full((100, 100, 3), 120, np.uint8)
-    rgb.reshape(-1, 3)[:pixels, 0] += spread
-    for mode in ("RGB", "RGBA", "P"):
-        f = tmp_path / f"edge-{mode}.png"
-        img = Image.fromarray(rgb)
-        (img.quantize(256) if mode == "P" else img.convert(mode)).save(f)
-        expected = image_info(f, decode=True)["has_colour"]
-        assert colour_input(io.BytesIO(f.read_bytes()), str(f)) is expected
-        if mode == "RGB":
-            assert expected is want
+    with pytest.raises(ImageReadError, match="broken.png"):
+        model_input_with_colour(broken, params)

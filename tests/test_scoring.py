@@ -418,7 +418,7 @@ def test_colour_images_are_flagged_ood_whatever_their_distance(tmp_path, monkeyp
     rows and models without OOD statistics are as before."""
     from onnx_models import make_convnet
 
-    from fxscore import ood
+    from fxscore import images, ood
     from fxscore.contract import Preprocess
     from fxscore.explain_graph import augment
     from fxscore.scoring import model_input
@@ -460,7 +460,7 @@ def test_colour_images_are_flagged_ood_whatever_their_distance(tmp_path, monkeyp
         assert "_colour" not in rows[name]
     assert rows["broken.png"]["error"] and rows["broken.png"]["ood"] is None
     # no OOD statistics: no check is made and no OOD cells are written
-    monkeypatch.setattr(ood, "colour_input", lambda *a: pytest.fail("colour checked"))
+    monkeypatch.setattr(images, "_shows_colour", lambda *a: pytest.fail("colour checked"))
     for row in score_items(plain, items):
         assert "ood" not in row and "_colour" not in row
 
